@@ -1,0 +1,72 @@
+"""Three narrow adjustments to BentoML 1.4's request parsing, applied once by ``service.py``.
+
+Why each one (all verified against bentoml 1.4.40's ``_bentoml_impl/serde.py`` and ``_bentoml_sdk/validators.py``):
+
+1. **Uploaded images are not opened by BentoML.** Its PIL validator calls ``PIL.Image.open`` on every uploaded file:
+   a DICOM file or a broken PNG then fails *before our code runs*, as a generic 500. We keep the upload's bytes
+   (``UploadedImage``) and decode them ourselves (PNG/JPEG/16-bit/DICOM, size limits, bomb checks, 4xx errors).
+   PIL images handed over in-process (tests, ``to_asgi``) pass through unchanged.
+2. **No server-side fetching of URLs.** For a file field sent as a plain form value, BentoML downloads the value
+   as a URL; for a JSON body that is a bare URL string, it downloads that. A medical service must not make
+   outbound requests on a caller's behalf, so form values become data-URI uploads or a 400.
+3. A data URI sent as a form value (``curl -F image=data:image/png;base64,...``) is accepted, like in JSON.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from medgemma.errors import ServiceError
+from medgemma.inputs import UploadedImage
+
+_applied = False
+
+
+def apply() -> None:
+    global _applied
+    if _applied:
+        return
+    import _bentoml_impl.serde as serde
+    import _bentoml_sdk.validators as validators
+    from bentoml.exceptions import BadInput
+    from starlette.datastructures import Headers, UploadFile
+
+    from medgemma.imaging import parse_data_uri
+
+    orig_decode = validators.PILImageEncoder.decode
+
+    def decode(self: Any, obj: Any) -> Any:
+        if isinstance(obj, UploadFile):
+            obj.file.seek(0)
+            return UploadedImage(
+                data=obj.file.read(),
+                media_type=(obj.headers.get("Content-Type") or None),
+                filename=obj.filename,
+            )
+        if isinstance(obj, bytes | bytearray):
+            return UploadedImage(data=bytes(obj))
+        return orig_decode(self, obj)
+
+    async def ensure_file(obj: Any) -> Any:
+        if isinstance(obj, UploadFile):
+            return obj
+        value = str(obj).strip().strip("\"'")
+        if not value.startswith("data:"):
+            raise BadInput(
+                "image fields take an uploaded file or a data URI; URLs are not fetched by this server"
+            )
+        try:
+            media_type, data = parse_data_uri(value)
+        except (
+            ServiceError
+        ) as exc:  # BentoML turns BadInput into a 400; the edge middleware reshapes the body
+            raise BadInput(exc.message) from None
+        return UploadFile(
+            io.BytesIO(data), size=len(data), filename="upload", headers=Headers({"content-type": media_type})
+        )
+
+    validators.PILImageEncoder.decode = decode  # type: ignore[method-assign]
+    serde.MultipartSerde.ensure_file = staticmethod(ensure_file)  # type: ignore[method-assign,assignment]
+    serde.is_http_url = lambda _url: False  # never download a JSON body that is a URL
+    _applied = True

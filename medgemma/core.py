@@ -1,0 +1,238 @@
+"""The service's behaviour, independent of the transport: what generate, schema, health and models answer.
+
+``service.py`` (BentoML APIs) and ``medgemma.routes`` (the mounted GET/OpenAI routes) both call this object, so
+every route shares one validation path, one lifecycle gate and one error type (``ServiceError``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from medgemma import discovery, inputs
+from medgemma.config import Settings
+from medgemma.engine import Engine, RequestHandle
+from medgemma.errors import ServiceError
+from medgemma.lifecycle import ModelManager, ModelState
+from medgemma.protocol import GenerationRequest, GenerationResult
+from medgemma.schemas import GenerateRequest, parse_model
+from medgemma.telemetry import Metrics, compute_metrics
+
+log = logging.getLogger("medgemma.requests")
+
+Disconnected = Callable[[], Awaitable[bool]]
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready; its batch slot was freed."""
+
+
+class MedGemmaCore:
+    def __init__(self, settings: Settings, *, manager: ModelManager | None = None) -> None:
+        self.settings = settings
+        self.started_at = time.time()
+        self._started_mono = time.monotonic()
+        self.manager = manager or ModelManager(
+            settings, on_state=self._state_changed, on_finish=self._request_finished
+        )
+
+    # -- lifecycle hooks
+    def _state_changed(self, state: ModelState) -> None:
+        try:
+            metrics = Metrics.get()
+            metrics.set_state(state.value)
+            if state is ModelState.READY and self.manager.load_seconds is not None:
+                metrics.load_duration.set(self.manager.load_seconds)
+        except Exception:  # metrics must never break the lifecycle
+            log.debug("metrics update failed", exc_info=True)
+
+    def _request_finished(self, handle: RequestHandle) -> None:
+        if handle.result is not None:
+            Metrics.get().observe_result(handle.result)
+
+    def startup(self) -> None:
+        self._state_changed(self.manager.state)
+        if self.settings.load_on_startup:
+            self.manager.start_loading()
+
+    def shutdown(self, grace_s: float = 0.0) -> None:
+        self.manager.shutdown(grace_s)
+
+    @property
+    def model_name(self) -> str:
+        return discovery.public_model_name(self.manager.loaded, self.settings)
+
+    # -- generation (shared by every API)
+    async def submit(
+        self, build: Callable[[Engine], GenerationRequest]
+    ) -> tuple[GenerationRequest, RequestHandle]:
+        """Gate on the model's state, build the internal request off the event loop, and queue it."""
+        engine = self.manager.require()
+        # Image decoding and the processor are CPU work: keep them off the event loop.
+        req = await asyncio.to_thread(build, engine)
+        prepared = await asyncio.to_thread(engine.prepare, req)
+        return req, engine.submit(prepared)
+
+    async def run(
+        self, build: Callable[[Engine], GenerationRequest], disconnected: Disconnected | None = None
+    ) -> tuple[GenerationRequest, GenerationResult]:
+        req, handle = await self.submit(build)
+        return req, await wait_or_cancel(handle, disconnected)
+
+    def seed_builder(
+        self, req: GenerateRequest, request_id: str | None
+    ) -> Callable[[Engine], GenerationRequest]:
+        def build(engine: Engine) -> GenerationRequest:
+            return inputs.from_seed(req, self.settings, vision=engine.loaded.vision, request_id=request_id)
+
+        return build
+
+    def parse_seed(self, payload: dict[str, Any]) -> GenerateRequest:
+        return parse_model(GenerateRequest, payload)
+
+    async def generate(
+        self,
+        payload: dict[str, Any],
+        *,
+        request_id: str | None = None,
+        disconnected: Disconnected | None = None,
+    ) -> dict[str, Any]:
+        started = time.perf_counter()
+        req = self.parse_seed(payload)
+        greq, result = await self.run(self.seed_builder(req, request_id), disconnected)
+        self._log_result(greq, result, "generate")
+        return self.seed_body(greq, result, started)
+
+    async def generate_stream(
+        self, payload: dict[str, Any], *, request_id: str | None = None
+    ) -> AsyncIterator[str]:
+        """Validate and queue first (so errors are proper HTTP answers), then return the SSE event stream."""
+        started = time.perf_counter()
+        req = self.parse_seed(payload)
+        greq, handle = await self.submit(self.seed_builder(req, request_id))
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                async for delta in handle.stream():
+                    if delta.text:
+                        yield sse({"status": "streaming", "delta": delta.text})
+                assert handle.result is not None
+                self._log_result(greq, handle.result, "generate(stream)")
+                yield sse({**self.seed_body(greq, handle.result, started), "done": True})
+            except ServiceError as exc:
+                yield sse(exc.body())
+            finally:
+                handle.cancel()  # no-op when finished; frees the slot when the client went away
+
+        return events()
+
+    def seed_body(self, req: GenerationRequest, result: GenerationResult, started: float) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "status": "success",
+            "model": self.model_name,
+            "response": result.text,
+            "parameters": req.params.seed_parameters(),
+            "compute_metrics": compute_metrics(time.perf_counter() - started, result),
+            "finish_reason": result.finish_reason,
+            "request_id": req.request_id,
+        }
+        images = [im.info for im in req.images]
+        if images:
+            body["images"] = images
+        return body
+
+    def _log_result(self, req: GenerationRequest, result: GenerationResult, route: str) -> None:
+        # Token counts and timings only: prompt and generated text are patient data (see settings.log_content).
+        log.info(
+            "request_id=%s route=%s finish=%s input_tokens=%d output_tokens=%d images=%d ttft_s=%.3f total_s=%.3f",
+            req.request_id,
+            route,
+            result.finish_reason,
+            result.input_tokens,
+            result.output_tokens,
+            len(req.images),
+            result.timings.time_to_first_token_s or 0.0,
+            result.timings.total_s or 0.0,
+        )
+        if self.settings.log_content:
+            log.warning(
+                "request_id=%s LOG_CONTENT prompt=%r response=%r",
+                req.request_id,
+                [m.text for m in req.messages],
+                result.text,
+            )
+
+    # -- discovery, health, models
+    def schema(self) -> dict[str, Any]:
+        engine = self.manager.require()
+        return discovery.describe(engine.loaded, self.settings)
+
+    def health(self) -> dict[str, Any]:
+        m = self.manager
+        body: dict[str, Any] = {
+            "status": "healthy",
+            "model": self.model_name,
+            "model_source": self.settings.model,
+            "model_state": m.state.value,
+            "device": m.loaded.device if m.loaded else None,
+            "uptime_seconds": round(time.monotonic() - self._started_mono, 1),
+            "loads": m.loads,
+        }
+        if m.state is ModelState.LOADING:
+            body["progress"] = m.progress_view()
+        if m.state is ModelState.FAILED:
+            body["loading_error"] = m.error
+        if m.engine is not None:
+            st = m.engine.stats()
+            body["engine"] = {
+                "waiting": st.waiting,
+                "running": st.running,
+                "max_batch_size": m.engine.max_batch_size,
+            }
+        if m.load_seconds is not None:
+            body["load_seconds"] = round(m.load_seconds, 2)
+        return body
+
+    def models(self) -> dict[str, Any]:
+        m = self.manager
+        entry: dict[str, Any] = {
+            "id": self.settings.route_prefix,
+            "object": "model",
+            "created": int(self.started_at),
+            "owned_by": "medgemma-bentoml",
+            "source": self.settings.model,
+            "state": m.state.value,
+            "demo": bool(m.loaded.is_demo) if m.loaded else None,
+        }
+        if m.loaded is not None:
+            entry["capabilities"] = (
+                ["text-to-text", "image-text-to-text"] if m.loaded.vision else ["text-to-text"]
+            )
+        return {"object": "list", "data": [entry]}
+
+
+async def wait_or_cancel(handle: RequestHandle, disconnected: Disconnected | None) -> GenerationResult:
+    """Await the result; if the client disconnects meanwhile, cancel the request (its slot frees within a step)."""
+    if disconnected is None:
+        return await handle.wait()
+    task = asyncio.ensure_future(handle.wait())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.2)
+            if done:
+                return task.result()
+            if await disconnected():
+                handle.cancel()
+                raise ClientGone()
+    finally:
+        if not task.done():
+            handle.cancel()
+            task.cancel()
+
+
+def sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"

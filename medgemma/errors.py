@@ -1,0 +1,136 @@
+"""Errors that carry their HTTP status and render as the one error body of this service.
+
+Every error a client can cause is a ``ServiceError``; the transport turns it into
+``{"status": "error", "error": "<a sentence a person understands>", ...extra}`` with ``status_code``.
+Lifecycle answers (model loading → 202, load failed → 503) are ServiceErrors too, so that every API,
+the seed one and the OpenAI one, refuses work the same way.
+
+Messages must never contain prompt text, generated text, image bytes or DICOM tags: they are echoed to
+clients and may be logged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServiceError(Exception):
+    """Base class: an error with an HTTP status, a public message and optional extra body fields."""
+
+    status_code: int = 500
+    status: str = "error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.headers = dict(headers or {})
+        self.extra = extra
+
+    def body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"status": self.status, "error": self.message}
+        if self.param is not None:
+            body["param"] = self.param
+        body.update(self.extra)
+        return body
+
+
+class BadRequest(ServiceError):
+    """The request is malformed or out of range (400)."""
+
+    status_code = 400
+
+
+class Unauthorized(ServiceError):
+    """Missing or wrong API token (401)."""
+
+    status_code = 401
+
+    def __init__(self, message: str = "Missing or invalid API token", **kw: Any) -> None:
+        kw.setdefault("headers", {"WWW-Authenticate": "Bearer"})
+        super().__init__(message, **kw)
+
+
+class NotFound(ServiceError):
+    status_code = 404
+
+
+class PayloadTooLarge(ServiceError):
+    """The body, an image or a prompt exceeds a configured limit (413)."""
+
+    status_code = 413
+
+
+class UnsupportedMediaType(ServiceError):
+    """An image format or DICOM transfer syntax this service cannot decode (415)."""
+
+    status_code = 415
+
+
+class Overloaded(ServiceError):
+    """The engine's queue is full: retry later (429 with Retry-After)."""
+
+    status_code = 429
+
+    def __init__(self, message: str, *, retry_after: int = 1, **kw: Any) -> None:
+        kw.setdefault("headers", {"Retry-After": str(retry_after)})
+        super().__init__(message, retry_after_seconds=retry_after, **kw)
+
+
+class ModelLoading(ServiceError):
+    """The model is not loaded yet; the load runs in the background (202 with Retry-After)."""
+
+    status_code = 202
+    status = "loading"
+
+    def __init__(self, message: str, *, retry_after: int, **extra: Any) -> None:
+        # `error` keeps the seed's exact wording; `message` says what to do.
+        super().__init__(
+            "Model not loaded yet",
+            headers={"Retry-After": str(retry_after)},
+            message=message,
+            retry_after_seconds=retry_after,
+            **extra,
+        )
+
+
+class ModelFailed(ServiceError):
+    """The last load failed; its error is kept and returned until the retry backoff passes (503)."""
+
+    status_code = 503
+    status = "failed"
+
+    def __init__(self, loading_error: str, *, retry_after: int, **extra: Any) -> None:
+        super().__init__(
+            f"Model loading failed: {loading_error}",
+            headers={"Retry-After": str(retry_after)},
+            loading_error=loading_error,
+            retry_after_seconds=retry_after,
+            **extra,
+        )
+
+
+class EngineUnavailable(ServiceError):
+    """The engine cannot take work right now (shutting down, out of memory for this request) (503)."""
+
+    status_code = 503
+
+    def __init__(self, message: str, *, retry_after: int = 5, **kw: Any) -> None:
+        kw.setdefault("headers", {"Retry-After": str(retry_after)})
+        super().__init__(message, **kw)
+
+
+class InternalError(ServiceError):
+    """Anything unexpected. The message is generic on purpose: internals never reach the client."""
+
+    status_code = 500
+
+    def __init__(self, message: str = "Internal error while serving the request", **kw: Any) -> None:
+        super().__init__(message, **kw)

@@ -1,0 +1,255 @@
+"""Turn a validated API request into the internal ``GenerationRequest``: messages, images, limits.
+
+Both APIs end here, so the rules live once: roles must alternate (the Gemma chat template demands it), the last
+turn is the user's, images only in user turns and only for image+text models, every image decoded by
+``medgemma.imaging`` (PNG/JPEG, 16-bit, DICOM) within the configured limits. A CT series (several CT DICOM slices)
+is ordered by slice and labelled "SLICE n", as Google's CT notebook does.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from medgemma import imaging
+from medgemma.config import Settings
+from medgemma.errors import BadRequest, PayloadTooLarge
+from medgemma.protocol import GenerationRequest, ImagePart, Message, Part, SamplingParams, TextPart
+from medgemma.schemas import ChatMessage, GenerateRequest, GenerationParameters, ImageContent, ImageURLContent
+
+
+@dataclass(frozen=True)
+class UploadedImage:
+    """An image or DICOM file that arrived as a multipart upload (BentoML client, curl -F)."""
+
+    data: bytes
+    media_type: str | None = None
+    filename: str | None = None
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    window: imaging.Window | None
+    frames: imaging.FrameSelection
+    limits: imaging.ImageLimits
+
+
+def image_options(settings: Settings, window: Any = None, frames: str | None = None) -> ImageOptions:
+    return ImageOptions(
+        window=imaging.Window(center=window.center, width=window.width) if window is not None else None,
+        frames=frames or settings.dicom_frames,  # type: ignore[arg-type]
+        limits=imaging.ImageLimits(
+            max_bytes=settings.max_image_bytes,
+            max_pixels=settings.max_image_pixels,
+            max_frames=settings.max_images,
+        ),
+    )
+
+
+def decode_image(value: Any, options: ImageOptions, *, param: str) -> list[ImagePart]:
+    """One image value (data URI, upload, PIL image) → one or more prepared images (multi-frame DICOM)."""
+    if isinstance(value, Image.Image):
+        prepared = [imaging.prepare_pil(value, window=options.window, limits=options.limits, param=param)]
+    elif isinstance(value, UploadedImage):
+        prepared = imaging.load_images(
+            value.data,
+            media_type=value.media_type,
+            window=options.window,
+            frames=options.frames,
+            limits=options.limits,
+            param=param,
+        )
+    elif isinstance(value, str):
+        media_type, data = imaging.parse_data_uri(value, param=param, limits=options.limits)
+        prepared = imaging.load_images(
+            data,
+            media_type=media_type,
+            window=options.window,
+            frames=options.frames,
+            limits=options.limits,
+            param=param,
+        )
+    elif isinstance(value, bytes | bytearray):
+        prepared = imaging.load_images(
+            bytes(value), window=options.window, frames=options.frames, limits=options.limits, param=param
+        )
+    else:
+        raise BadRequest(
+            f"{param}: an image must be a data URI string (data:image/png;base64,...) or an uploaded file",
+            param=param,
+        )
+    return [ImagePart(image=p.image, info=p.info) for p in prepared]
+
+
+def sampling_params(p: GenerationParameters, settings: Settings, stop: Sequence[str] = ()) -> SamplingParams:
+    max_new = p.max_new_tokens if p.max_new_tokens is not None else settings.default_max_new_tokens
+    if max_new > settings.max_new_tokens_cap:
+        raise BadRequest(
+            f"max_new_tokens: {max_new} is above this server's limit of {settings.max_new_tokens_cap}",
+            param="max_new_tokens",
+        )
+    return SamplingParams.resolve(
+        max_new_tokens=max_new,
+        do_sample=p.do_sample,
+        temperature=p.temperature,
+        top_p=p.top_p,
+        top_k=p.top_k,
+        repetition_penalty=p.repetition_penalty,
+        seed=p.seed,
+        stop=tuple(stop),
+    )
+
+
+def from_seed(
+    req: GenerateRequest, settings: Settings, *, vision: bool, request_id: str | None = None
+) -> GenerationRequest:
+    """Seed API request (simple or chat format) → internal request."""
+    options = image_options(settings, req.window, req.dicom_frames)
+    params = sampling_params(req, settings)
+    if req.messages is not None:
+        messages = [_chat_message(m, i, options) for i, m in enumerate(req.messages)]
+    else:
+        images: list[ImagePart] = []
+        values = [req.image] if req.image is not None else list(req.images or [])
+        for i, value in enumerate(values):
+            param = "image" if req.image is not None else f"images[{i}]"
+            images.extend(decode_image(value, options, param=param))
+        user_parts: list[Part] = [TextPart(req.text or "")]
+        user_parts.extend(_label_series(images))
+        messages = []
+        if req.system is not None:
+            messages.append(Message("system", (TextPart(req.system),)))
+        messages.append(Message("user", tuple(user_parts)))
+    return build_request(messages, params, settings, vision=vision, request_id=request_id)
+
+
+def build_request(
+    messages: list[Message],
+    params: SamplingParams,
+    settings: Settings,
+    *,
+    vision: bool,
+    request_id: str | None = None,
+) -> GenerationRequest:
+    """Check the conversation as a whole and wrap it; shared by every API."""
+    check_conversation(messages, settings, vision=vision)
+    req = GenerationRequest(messages=messages, params=params)
+    if request_id:
+        req.request_id = request_id
+    return req
+
+
+def check_conversation(messages: list[Message], settings: Settings, *, vision: bool) -> None:
+    if not messages:
+        raise BadRequest("messages must contain at least one message", param="messages")
+    n_images = 0
+    for i, m in enumerate(messages):
+        param = f"messages[{i}]"
+        if m.role == "system" and i != 0:
+            raise BadRequest(f"{param}: a system message is only allowed first", param=param)
+        for part in m.parts:
+            if isinstance(part, TextPart) and len(part.text) > settings.max_text_chars:
+                raise PayloadTooLarge(
+                    f"{param}: text of {len(part.text)} characters is above the limit of {settings.max_text_chars}",
+                    param=param,
+                )
+            if isinstance(part, ImagePart):
+                n_images += 1
+                if m.role != "user":
+                    raise BadRequest(f"{param}: images are only allowed in user messages", param=param)
+                if not vision:
+                    raise BadRequest(
+                        "this model is text-only and does not accept images; remove the image or serve an "
+                        "image+text model such as google/medgemma-4b-it",
+                        param=param,
+                    )
+        if not m.parts or all(isinstance(p, TextPart) and not p.text.strip() for p in m.parts):
+            if m.role != "assistant":
+                raise BadRequest(f"{param}: content must not be empty", param=param)
+    if n_images > settings.max_images:
+        raise PayloadTooLarge(
+            f"{n_images} images (DICOM frames count one each) is above the limit of {settings.max_images} per request",
+            param="messages",
+        )
+    turns = [m for m in messages if m.role != "system"]
+    if not turns:
+        raise BadRequest("messages need at least one user message after the system message", param="messages")
+    for i, m in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m.role != expected:
+            raise BadRequest(
+                f"roles must alternate user/assistant starting with user; message {messages.index(m)} is "
+                f"'{m.role}' where '{expected}' was expected",
+                param="messages",
+            )
+    if turns[-1].role != "user":
+        raise BadRequest("the last message must come from the user", param="messages")
+
+
+def _chat_message(m: ChatMessage, index: int, options: ImageOptions) -> Message:
+    if isinstance(m.content, str):
+        return Message(m.role, (TextPart(m.content),))
+    parts: list[Part] = []
+    for j, c in enumerate(m.content):
+        param = f"messages[{index}].content[{j}]"
+        if isinstance(c, ImageContent):
+            parts.extend(decode_image(c.image, options, param=param))
+        elif isinstance(c, ImageURLContent):
+            url = c.image_url if isinstance(c.image_url, str) else c.image_url.url
+            parts.extend(decode_image(_data_uri_only(url, param), options, param=param))
+        else:
+            parts.append(TextPart(c.text))
+    return Message(m.role, tuple(_label_series_in_parts(parts)))
+
+
+def _data_uri_only(url: str, param: str) -> str:
+    if url.startswith(("http://", "https://")):
+        raise BadRequest(
+            f"{param}: image URLs are not fetched by this server; send the image as a data URI",
+            param=param,
+        )
+    return url
+
+
+def _is_ct_series(images: Sequence[ImagePart]) -> bool:
+    return len(images) > 1 and all(
+        im.info.get("source") == "dicom" and im.info.get("modality") == "CT" for im in images
+    )
+
+
+def _slice_key(im: ImagePart) -> tuple[float, float]:
+    inst = im.info.get("instance_number")
+    loc = im.info.get("slice_location")
+    return (float(inst) if inst is not None else float("inf"), float(loc) if loc is not None else 0.0)
+
+
+def _label_series(images: list[ImagePart]) -> list[Part]:
+    """Several CT slices → ordered by slice, each followed by "SLICE n"; other images stay as sent."""
+    if not _is_ct_series(images):
+        return list(images)
+    ordered = sorted(images, key=_slice_key)
+    out: list[Part] = []
+    for n, im in enumerate(ordered, start=1):
+        out.extend([im, TextPart(f"SLICE {n}")])
+    return out
+
+
+def _label_series_in_parts(parts: list[Part]) -> Iterable[Part]:
+    images = [p for p in parts if isinstance(p, ImagePart)]
+    if not _is_ct_series(images) or any(
+        isinstance(p, TextPart) and p.text.startswith("SLICE") for p in parts
+    ):
+        return parts
+    texts = [p for p in parts if isinstance(p, TextPart)]
+    return [*texts, *_label_series(images)]
+
+
+def decode_base64(data: str, param: str) -> bytes:
+    try:
+        return base64.b64decode(data, validate=False)
+    except ValueError:
+        raise BadRequest(f"{param}: not valid base64", param=param) from None

@@ -1,0 +1,271 @@
+"""The edge: one pure-ASGI middleware in front of everything BentoML serves.
+
+It does the cross-cutting work once, for the BentoML APIs and the mounted routes alike:
+
+* request ids: ``X-Request-ID`` is taken (if sane) or generated, put in ``scope["state"]`` and echoed;
+* auth: with an API token set, every route but liveness/readiness/metrics/health needs ``Authorization: Bearer``
+  (compared in constant time);
+* body size: ``Content-Length`` over the limit → 413 before the app reads anything; bodies without a length are
+  counted as they stream and cut off at the limit;
+* one error shape: error responses that did not come from this project (BentoML's validation errors, its 4xx
+  lists, starlette's plain-text 404/405) are rewritten into ``{"status": "error", "error": ...}`` — or OpenAI's
+  ``{"error": {...}}`` on OpenAI routes — so a client never has to parse a second shape;
+* one access-log line per request: id, method, path, status, duration. Never bodies.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from medgemma.errors import PayloadTooLarge, ServiceError, Unauthorized
+
+log = logging.getLogger("medgemma.access")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+OWN_ERROR_HEADER = b"x-medgemma-error"  # set on every error body this project writes; stripped before sending
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+OPEN_PATHS = ("/livez", "/readyz", "/healthz", "/metrics")
+
+
+def is_openai_path(path: str) -> bool:
+    return "/chat/completions" in path or path.rstrip("/").endswith("/v1/models") and path.startswith("/v1")
+
+
+def error_body(exc: ServiceError, *, openai: bool) -> dict[str, Any]:
+    if not openai:
+        return exc.body()
+    body: dict[str, Any] = {
+        "error": {
+            "message": exc.message,
+            "type": _openai_type(exc.status_code),
+            "param": exc.param,
+            "code": exc.status,
+        }
+    }
+    if exc.status_code in (202, 503):
+        # Lifecycle answers carry the seed's fields too, so OpenAI clients can read state and progress.
+        body.update({k: v for k, v in exc.body().items() if k != "error"})
+    return body
+
+
+def _openai_type(status: int) -> str:
+    return {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        404: "not_found_error",
+        413: "invalid_request_error",
+        415: "invalid_request_error",
+        429: "rate_limit_error",
+        202: "model_loading",
+        503: "service_unavailable",
+    }.get(status, "server_error")
+
+
+class EdgeMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        api_token: str = "",
+        max_body_bytes: int = 128 * 1024 * 1024,
+        open_paths: tuple[str, ...] = OPEN_PATHS,
+        openai_path: Callable[[str], bool] = is_openai_path,
+    ) -> None:
+        self.app = app
+        self.api_token = api_token.encode()
+        self.max_body_bytes = max_body_bytes
+        self.open_paths = open_paths
+        self.openai_path = openai_path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")
+        if not _REQUEST_ID.fullmatch(rid):
+            rid = uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        path: str = scope.get("path", "")
+        openai = self.openai_path(path)
+        status_holder = {"status": 0}
+
+        async def send_logged(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_holder["status"] = message["status"]
+                message["headers"] = [
+                    *[(k, v) for k, v in message.get("headers", []) if k.lower() not in (b"x-request-id",)],
+                    (b"x-request-id", rid.encode()),
+                ]
+            await send(message)
+
+        try:
+            problem = self._check(scope, headers, path)
+            if problem is not None:
+                await _send_error(send_logged, problem, openai=openai)
+                return
+            await self.app(
+                scope, self._limited(receive, scope), _Rewriter(send_logged, openai=openai, scope=scope)
+            )
+        finally:
+            log.info(
+                "request_id=%s method=%s path=%s status=%s duration_ms=%.1f",
+                rid,
+                scope.get("method"),
+                path,
+                status_holder["status"],
+                (time.perf_counter() - started) * 1000,
+            )
+
+    def _check(self, scope: Scope, headers: dict[bytes, bytes], path: str) -> ServiceError | None:
+        if self.api_token and not self._is_open(path) and scope.get("method") != "OPTIONS":
+            auth = headers.get(b"authorization", b"")
+            scheme, _, token = auth.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_token):
+                return Unauthorized()
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                n = int(length)
+            except ValueError:
+                n = -1
+            if n > self.max_body_bytes:
+                return _too_large(n, self.max_body_bytes)
+        return None
+
+    def _is_open(self, path: str) -> bool:
+        if (
+            path in self.open_paths
+            or path == "/"
+            or path.endswith("/v1/health")
+            or path.endswith("/playground")
+        ):
+            return True
+        return path.startswith(("/docs", "/schema.json", "/static_content", "/_internal"))
+
+    def _limited(self, receive: Receive, scope: Scope) -> Receive:
+        seen = 0
+        limit = self.max_body_bytes
+
+        async def wrapped() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    scope["state"]["body_too_large"] = seen
+                    return {"type": "http.disconnect"}
+            return message
+
+        return wrapped
+
+
+def _too_large(n: int, limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"request body of {n} bytes is above the limit of {limit} bytes")
+
+
+class _Rewriter:
+    """Send wrapper that rewrites foreign error bodies into this project's shape."""
+
+    def __init__(self, send: Send, *, openai: bool, scope: Scope) -> None:
+        self.send = send
+        self.openai = openai
+        self.scope = scope
+        self.start: Message | None = None
+        self.buffer = bytearray()
+        self.passthrough = True
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            too_large = self.scope["state"].get("body_too_large")
+            headers = message.get("headers", [])
+            own = any(k.lower() == OWN_ERROR_HEADER for k, _ in headers)
+            if too_large:
+                self.passthrough = False
+                self.start = {"type": "http.response.start", "status": 413, "headers": []}
+                self.replacement: ServiceError | None = _too_large(too_large, 0)
+                return
+            if message["status"] >= 400 and not own:
+                self.passthrough = False
+                self.start = message
+                self.replacement = None
+                return
+            if own:
+                message["headers"] = [(k, v) for k, v in headers if k.lower() != OWN_ERROR_HEADER]
+            await self.send(message)
+            return
+        if message["type"] == "http.response.body" and not self.passthrough:
+            self.buffer.extend(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            assert self.start is not None
+            exc = self.replacement or _foreign_error(self.start["status"], bytes(self.buffer))
+            await _send_error(self.send, exc, openai=self.openai, extra_headers=self.start.get("headers", []))
+            return
+        await self.send(message)
+
+
+def _foreign_error(status: int, raw: bytes) -> ServiceError:
+    """BentoML/starlette error body → ServiceError with a readable message (no internals)."""
+    message = "request failed"
+    param = None
+    try:
+        data: Any = json.loads(raw) if raw else None
+    except ValueError:
+        data = raw.decode("utf-8", "replace").strip() or None
+    if isinstance(data, list) and data:
+        data = data[0]
+    if isinstance(data, dict):
+        detail = data.get("detail")
+        if isinstance(detail, list) and detail and isinstance(detail[0], dict):
+            message, param = _pydantic_detail(detail[0])
+        elif isinstance(data.get("error"), str):
+            message = data["error"]
+        elif isinstance(detail, str):
+            message = detail
+    elif isinstance(data, str):
+        message = data
+    if status >= 500:
+        message = "Internal error while serving the request"  # never leak internals
+    exc = ServiceError(message[:500], param=param)
+    exc.status_code = status
+    return exc
+
+
+def _pydantic_detail(d: dict[str, Any]) -> tuple[str, str | None]:
+    loc = [str(p) for p in d.get("loc", ()) if str(p) not in ("body", "query", "path")]
+    path = ".".join(loc) or None
+    msg = str(d.get("msg", "invalid value"))
+    return (f"{path}: {msg}" if path else msg), path
+
+
+async def _send_error(
+    send: Send, exc: ServiceError, *, openai: bool, extra_headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    body = json.dumps(error_body(exc, openai=openai)).encode()
+    keep = [
+        (k, v)
+        for k, v in (extra_headers or [])
+        if k.lower() in (b"retry-after", b"www-authenticate", b"x-request-id")
+    ]
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *[(k.lower().encode(), v.encode()) for k, v in exc.headers.items()],
+        *keep,
+    ]
+    await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,145 @@
+"""The one internal request type: every API (seed, OpenAI, playground) converts into ``GenerationRequest``.
+
+Validation of meaning (roles, images, limits) happens while building it (``medgemma.inputs``); the engine trusts
+it. Nothing here imports torch, transformers or BentoML.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from PIL import Image
+
+Role = Literal["system", "user", "assistant"]
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+@dataclass(frozen=True)
+class TextPart:
+    text: str
+
+
+@dataclass(frozen=True)
+class ImagePart:
+    image: Image.Image
+    info: dict[str, Any]  # what was done to it (kind, modality, window, size); never patient data
+
+
+Part = TextPart | ImagePart
+
+
+@dataclass(frozen=True)
+class Message:
+    role: Role
+    parts: tuple[Part, ...]
+
+    @property
+    def text(self) -> str:
+        return "".join(p.text for p in self.parts if isinstance(p, TextPart))
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding parameters after defaults and consistency rules were applied (see ``resolve``)."""
+
+    max_new_tokens: int
+    do_sample: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @classmethod
+    def resolve(
+        cls,
+        *,
+        max_new_tokens: int,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        stop: tuple[str, ...] = (),
+    ) -> SamplingParams:
+        """Apply the rules once, for every API.
+
+        - ``do_sample`` unset: sampling is on when a sampling parameter asks for it (temperature > 0, top_p, top_k),
+          as a caller who sends ``temperature: 0.7`` means; otherwise greedy (the seed's default).
+        - ``temperature == 0`` means greedy, as in OpenAI's API.
+        - An explicit ``do_sample: false`` with sampling parameters is contradictory and is rejected by the schema
+          layer, so no parameter is ever silently ignored.
+        """
+        if do_sample is None:
+            do_sample = bool(
+                (temperature is not None and temperature > 0) or top_p is not None or top_k is not None
+            )
+        if temperature == 0:
+            do_sample = False
+        return cls(
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            stop=stop,
+        )
+
+    def seed_parameters(self) -> dict[str, Any]:
+        """The seed API's ``parameters`` object: all six, null when unset."""
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "do_sample": self.do_sample,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "repetition_penalty": self.repetition_penalty,
+        }
+
+
+@dataclass
+class GenerationRequest:
+    messages: list[Message]
+    params: SamplingParams
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @property
+    def images(self) -> list[ImagePart]:
+        return [p for m in self.messages for p in m.parts if isinstance(p, ImagePart)]
+
+
+@dataclass
+class Timings:
+    """Per-request figures, all in seconds (None when the event did not happen)."""
+
+    queue_wait_s: float | None = None
+    time_to_first_token_s: float | None = None
+    total_s: float | None = None
+    output_tokens_per_second: float | None = None
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    finish_reason: FinishReason
+    input_tokens: int
+    output_tokens: int
+    timings: Timings = field(default_factory=Timings)
+    token_ids: list[int] = field(default_factory=list)
+
+    def timing_dict(self) -> dict[str, Any]:
+        return asdict(self.timings)
+
+
+@dataclass
+class TokenDelta:
+    """A piece of streamed text (possibly empty while a multi-byte character is incomplete)."""
+
+    text: str
+    token_ids: list[int]

@@ -1,0 +1,71 @@
+"""Routes BentoML's ``@bentoml.api`` cannot serve, mounted beside the APIs as a FastAPI app.
+
+BentoML APIs are POST-only, but the seed's `schema`, `health` and `models` are GETs (its curl examples), and the
+OpenAI API lives at `.../v1/chat/completions`. A GET on a POST-only BentoML route falls through to this mount.
+The handlers are thin: they call ``MedGemmaCore`` and turn ``ServiceError`` into the one error body.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from medgemma.core import MedGemmaCore
+from medgemma.errors import InternalError, ServiceError
+from medgemma.middleware import OWN_ERROR_HEADER, error_body
+
+log = logging.getLogger(__name__)
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def error_response(exc: BaseException, *, openai: bool = False) -> JSONResponse:
+    """The catch-all at the edge: a ServiceError as its body; anything else as a generic 500 (logged, not leaked)."""
+    if not isinstance(exc, ServiceError):
+        log.error("unhandled %s while serving a request", type(exc).__name__, exc_info=exc)
+        _free_accelerator_memory()
+        exc = InternalError()
+    headers = {**exc.headers, OWN_ERROR_HEADER.decode(): "1"}
+    return JSONResponse(error_body(exc, openai=openai), status_code=exc.status_code, headers=headers)
+
+
+def _free_accelerator_memory() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # pragma: no cover
+        pass
+
+
+def seed_app(core: Callable[[], MedGemmaCore]) -> FastAPI:
+    """GET `/{app}/v1/schema|health|models`, mounted at `/{app}/v1`."""
+    app = FastAPI(title="MedGemma seed API (GET routes)", docs_url=None, redoc_url=None)
+
+    @app.get("/schema")
+    async def schema() -> Response:
+        try:
+            return json_response(core().schema())
+        except Exception as exc:
+            return error_response(exc)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return json_response(core().health())
+
+    @app.get("/models")
+    async def models() -> Response:
+        return json_response(core().models())
+
+    return app
+
+
+def request_id(request: Request) -> str | None:
+    return request.scope.get("state", {}).get("request_id")

@@ -1,0 +1,154 @@
+"""Pydantic schemas of the seed API (`/{app}/v1/generate`): request formats exactly as the Ray Serve original.
+
+One base class, one extra-field policy: unknown fields are rejected with a 400 that names them, because a field
+the service does not know would otherwise be silently ignored (a misspelt ``max_tokens`` would quietly generate
+200 tokens). The OpenAI schemas follow the same policy.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from medgemma.errors import BadRequest
+
+
+class APIModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, str_strip_whitespace=False)
+
+
+# An image in a request: a data URI string in JSON; bytes or a PIL image when it arrived as an uploaded file.
+ImageValue = Any
+
+
+class WindowSpec(APIModel):
+    """Override the display window (HU for CT) applied to DICOM and 16-bit images."""
+
+    center: float
+    width: Annotated[float, Field(gt=0)]
+
+
+class TextContent(APIModel):
+    type: Literal["text"]
+    text: str
+
+
+class ImageContent(APIModel):
+    type: Literal["image"]
+    image: ImageValue
+
+
+class ImageURL(APIModel):
+    url: str
+    detail: str | None = None
+
+
+class ImageURLContent(APIModel):
+    """OpenAI-style image part, accepted in the seed chat format too."""
+
+    type: Literal["image_url"]
+    image_url: ImageURL | str
+
+
+ContentPart = Annotated[TextContent | ImageContent | ImageURLContent, Field(discriminator="type")]
+
+
+class ChatMessage(APIModel):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[ContentPart]
+
+
+class GenerationParameters(APIModel):
+    """The seed's generation parameters, with the ranges the issue tracker agreed on."""
+
+    max_new_tokens: Annotated[int, Field(ge=1)] | None = None
+    do_sample: bool | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    top_k: Annotated[int, Field(ge=1)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
+
+    @model_validator(mode="after")
+    def _sampling_is_consistent(self) -> GenerationParameters:
+        if self.do_sample is False:
+            given = [n for n in ("top_p", "top_k") if getattr(self, n) is not None]
+            if self.temperature not in (None, 0):
+                given.insert(0, "temperature")
+            if given:
+                verb = "applies" if len(given) == 1 else "apply"
+                raise ValueError(
+                    f"{', '.join(given)} only {verb} when do_sample is true; remove or set do_sample true"
+                )
+        return self
+
+
+class GenerateRequest(GenerationParameters):
+    """Simple format (`text`, `system`, `image`/`images`) or chat format (`messages`); never both."""
+
+    text: str | None = None
+    system: str | None = None
+    image: ImageValue | None = None
+    images: list[ImageValue] | None = None
+    messages: list[ChatMessage] | None = None
+    window: WindowSpec | None = None
+    dicom_frames: Literal["middle", "first", "all"] | None = None
+    stream: bool = False
+
+    @field_validator("images")
+    @classmethod
+    def _images_not_empty(cls, v: list[Any] | None) -> list[Any] | None:
+        if v is not None and len(v) == 0:
+            raise ValueError("images must not be an empty list")
+        return v
+
+    @model_validator(mode="after")
+    def _one_format(self) -> GenerateRequest:
+        simple = self.text is not None or self.system is not None or self.image is not None or self.images
+        if self.messages is not None and simple:
+            raise ValueError(
+                "use either the simple format (text, system, image, images) or the chat format (messages), not both"
+            )
+        if self.messages is None and self.text is None:
+            raise ValueError("either text (simple format) or messages (chat format) is required")
+        if self.image is not None and self.images:
+            raise ValueError("give one image in `image` or several in `images`, not both")
+        return self
+
+
+_TYPE_NAMES = {"str", "int", "float", "bool", "bytes", "dict", "list"}
+
+
+def validation_message(exc: ValidationError) -> tuple[str, str | None]:
+    """A pydantic error as (one readable sentence, the offending field path)."""
+    # In unions pydantic reports every member's failure; the deepest one is the one that explains the mistake.
+    err = max(exc.errors(include_url=False), key=lambda e: len(e.get("loc", ())))
+    loc: list[str] = []
+    for p in err.get("loc", ()):
+        # pydantic puts union members (`str`, `list[...]`) and discriminator tags (`text` before the field `text`)
+        # into locations; they mean nothing to a client.
+        if "[" in str(p) or str(p) in _TYPE_NAMES or (loc and loc[-1] == str(p)):
+            continue
+        loc.append(str(p))
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if part.isdigit() else (f".{part}" if path else part)
+    msg = str(err.get("msg", "invalid value"))
+    msg = msg.removeprefix("Value error, ")
+    if err.get("type") == "extra_forbidden":
+        msg = "unknown field (not part of this API)"
+    if path:
+        return f"{path}: {msg}", path
+    return msg, None
+
+
+def parse_model(model: type[APIModel], data: Any) -> Any:
+    """Validate ``data`` into ``model`` or raise BadRequest naming the field."""
+    if not isinstance(data, dict):
+        raise BadRequest("request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        message, param = validation_message(exc)
+        raise BadRequest(message, param=param) from None

@@ -1,0 +1,133 @@
+"""MedGemma as a BentoML service: transport, lifecycle hooks and readiness only.
+
+Everything the service *does* lives in ``medgemma/`` (``MedGemmaCore``); this file turns HTTP into calls on it.
+
+Routes (``{app}`` = ``MEDGEMMA_APP_NAME``, derived from the model by default):
+  POST /{app}/v1/generate         seed API, simple or chat format; ``"stream": true`` → server-sent events
+  POST|GET /{app}/v1/schema       dynamic input discovery (GET via the mounted app)
+  POST|GET /{app}/v1/health       replica health and model state; always answers
+  GET  /{app}/v1/models           model listing (OpenAI list shape)
+  POST /{app}/v1/chat/completions and /v1/chat/completions, GET /v1/models: OpenAI-compatible API
+
+Readiness: ``/readyz`` means "this replica can answer", not "the model is loaded". Model state is reported by the
+API itself (202 while loading, 503 after a failed load). ``bentoml.SyncHTTPClient`` polls ``/readyz`` before its
+first call; with load-on-first-request a model-gated ``/readyz`` would deadlock the very request that starts the
+load, and a replica that is loading must still answer 202 and ``/health``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import bentoml
+from PIL import Image as PILImage
+from starlette.responses import Response, StreamingResponse
+
+from medgemma import bentoml_compat
+from medgemma.config import SERVICE_NAME, Settings, load_bentoml_config
+from medgemma.core import ClientGone, MedGemmaCore
+from medgemma.middleware import EdgeMiddleware
+from medgemma.routes import error_response, json_response, seed_app
+
+bentoml_compat.apply()
+log = logging.getLogger("medgemma.service")
+
+SETTINGS = Settings.from_env()
+APP = SETTINGS.route_prefix
+_core: MedGemmaCore | None = None
+
+
+def core() -> MedGemmaCore:
+    if _core is None:  # a mounted route called before the service instance exists
+        raise RuntimeError("service not initialised")
+    return _core
+
+
+# configuration.yaml (port, traffic, metrics, logging) is applied here, so a plain `bentoml serve` honours it.
+_SERVICE_CONFIG: dict[str, Any] = {
+    "resources": {"gpu": 1},
+    "traffic": {"timeout": 600, "max_concurrency": 512},
+    **load_bentoml_config(),
+}
+
+
+@bentoml.asgi_app(seed_app(core), path=f"/{APP}/v1")
+@bentoml.service(name=SERVICE_NAME, **_SERVICE_CONFIG)
+class MedGemma:
+    """Serves one MedGemma (Gemma 3) checkpoint; see the module docstring for routes."""
+
+    def __init__(self) -> None:
+        global _core
+        _core = self.core = MedGemmaCore(SETTINGS)
+        self.core.startup()
+
+    def __is_ready__(self) -> bool:
+        return True  # see the module docstring: readiness never waits for the model
+
+    @bentoml.on_shutdown
+    def _shutdown(self) -> None:
+        self.core.shutdown(grace_s=10.0)
+
+    @bentoml.api(route=f"/{APP}/v1/generate")
+    async def generate(
+        self,
+        ctx: bentoml.Context,
+        text: str | None = None,
+        system: str | None = None,
+        # typing.Optional, not `X | None`: BentoML 1.4 only recognises typing.Union when it patches PIL fields.
+        image: Optional[PILImage.Image] = None,  # noqa: UP045
+        images: Optional[list[PILImage.Image]] = None,  # noqa: UP045
+        messages: list[dict[str, Any]] | None = None,
+        max_new_tokens: int | None = None,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        window: dict[str, float] | None = None,
+        dicom_frames: str | None = None,
+        stream: bool = False,
+    ) -> dict[str, Any]:
+        """Generate a response (seed API). Images: data URIs in JSON, or PIL images / files via the BentoML client."""
+        payload = {k: v for k, v in locals().items() if k not in ("self", "ctx") and v is not None}
+        if not stream:
+            payload.pop("stream", None)
+        rid = _request_id(ctx)
+        try:
+            if stream:
+                events = await self.core.generate_stream(payload, request_id=rid)
+                return _respond(ctx, StreamingResponse(events, media_type="text/event-stream"))
+            body = await self.core.generate(payload, request_id=rid, disconnected=ctx.request.is_disconnected)
+            return _respond(ctx, json_response(body))
+        except ClientGone:
+            return _respond(ctx, Response(status_code=499))
+        except Exception as exc:
+            return _respond(ctx, error_response(exc))
+
+    @bentoml.api(route=f"/{APP}/v1/schema")
+    def schema(self, ctx: bentoml.Context) -> dict[str, Any]:
+        """Inputs this model accepts, discovered from the loaded checkpoint."""
+        try:
+            return _respond(ctx, json_response(self.core.schema()))
+        except Exception as exc:
+            return _respond(ctx, error_response(exc))
+
+    @bentoml.api(route=f"/{APP}/v1/health")
+    def health(self, ctx: bentoml.Context) -> dict[str, Any]:
+        """Replica health, model state, device and uptime; answers in every state."""
+        return _respond(ctx, json_response(self.core.health()))
+
+
+def _request_id(ctx: bentoml.Context) -> str | None:
+    return ctx.request.scope.get("state", {}).get("request_id")
+
+
+def _respond(ctx: bentoml.Context, response: Response) -> Any:
+    # With a ctx parameter BentoML overwrites the returned status with ctx.response.status_code: keep them equal.
+    ctx.response.status_code = response.status_code
+    return response
+
+
+MedGemma.add_asgi_middleware(EdgeMiddleware, api_token=SETTINGS.api_token, max_body_bytes=SETTINGS.max_body_bytes)
