@@ -28,6 +28,7 @@ from medgemma import bentoml_compat
 from medgemma.config import SERVICE_NAME, Settings, load_bentoml_config
 from medgemma.core import ClientGone, MedGemmaCore
 from medgemma.middleware import EdgeMiddleware
+from medgemma.playground import playground_app
 from medgemma.routes import error_response, json_response, seed_app
 
 bentoml_compat.apply()
@@ -52,6 +53,7 @@ _SERVICE_CONFIG: dict[str, Any] = {
 }
 
 
+@bentoml.asgi_app(playground_app(APP), path=f"/{APP}/playground")
 @bentoml.asgi_app(seed_app(core), path=f"/{APP}/v1")
 @bentoml.service(name=SERVICE_NAME, **_SERVICE_CONFIG)
 class MedGemma:

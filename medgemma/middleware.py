@@ -151,7 +151,7 @@ class EdgeMiddleware:
             path in self.open_paths
             or path == "/"
             or path.endswith("/v1/health")
-            or path.endswith("/playground")
+            or "/playground" in path
         ):
             return True
         return path.startswith(("/docs", "/schema.json", "/static_content", "/_internal"))
