@@ -21,6 +21,7 @@ import logging
 from typing import Any, Optional
 
 import bentoml
+from medgemma.playground import playground_app
 from PIL import Image as PILImage
 from starlette.responses import Response, StreamingResponse
 
@@ -28,8 +29,7 @@ from medgemma import bentoml_compat
 from medgemma.config import SERVICE_NAME, Settings, load_bentoml_config
 from medgemma.core import ClientGone, MedGemmaCore
 from medgemma.middleware import EdgeMiddleware
-from medgemma.playground import playground_app
-from medgemma.routes import error_response, json_response, seed_app
+from medgemma.routes import error_response, json_response, openai_app, seed_app
 
 bentoml_compat.apply()
 log = logging.getLogger("medgemma.service")
@@ -55,6 +55,7 @@ _SERVICE_CONFIG: dict[str, Any] = {
 
 @bentoml.asgi_app(playground_app(APP), path=f"/{APP}/playground")
 @bentoml.asgi_app(seed_app(core), path=f"/{APP}/v1")
+@bentoml.asgi_app(openai_app(core), path="/v1")
 @bentoml.service(name=SERVICE_NAME, **_SERVICE_CONFIG)
 class MedGemma:
     """Serves one MedGemma (Gemma 3) checkpoint; see the module docstring for routes."""
@@ -72,7 +73,7 @@ class MedGemma:
         self.core.shutdown(grace_s=10.0)
 
     @bentoml.api(route=f"/{APP}/v1/generate")
-    async def generate(
+    async def generate(  # noqa: PLR0917 - BentoML maps each parameter to a request field
         self,
         ctx: bentoml.Context,
         text: str | None = None,

@@ -13,10 +13,10 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from medgemma import discovery, inputs
+from medgemma import discovery, inputs, openai_api
 from medgemma.config import Settings
 from medgemma.engine import Engine, RequestHandle
-from medgemma.errors import ServiceError
+from medgemma.errors import ServiceError, error_body
 from medgemma.lifecycle import ModelManager, ModelState
 from medgemma.protocol import GenerationRequest, GenerationResult
 from medgemma.schemas import GenerateRequest, parse_model
@@ -36,9 +36,7 @@ class MedGemmaCore:
         self.settings = settings
         self.started_at = time.time()
         self._started_mono = time.monotonic()
-        self.manager = manager or ModelManager(
-            settings, on_state=self._state_changed, on_finish=self._request_finished
-        )
+        self.manager = manager or ModelManager(settings, on_state=self._state_changed, on_finish=self._request_finished)
 
     # -- lifecycle hooks
     def _state_changed(self, state: ModelState) -> None:
@@ -67,9 +65,7 @@ class MedGemmaCore:
         return discovery.public_model_name(self.manager.loaded, self.settings)
 
     # -- generation (shared by every API)
-    async def submit(
-        self, build: Callable[[Engine], GenerationRequest]
-    ) -> tuple[GenerationRequest, RequestHandle]:
+    async def submit(self, build: Callable[[Engine], GenerationRequest]) -> tuple[GenerationRequest, RequestHandle]:
         """Gate on the model's state, build the internal request off the event loop, and queue it."""
         engine = self.manager.require()
         # Image decoding and the processor are CPU work: keep them off the event loop.
@@ -83,9 +79,7 @@ class MedGemmaCore:
         req, handle = await self.submit(build)
         return req, await wait_or_cancel(handle, disconnected)
 
-    def seed_builder(
-        self, req: GenerateRequest, request_id: str | None
-    ) -> Callable[[Engine], GenerationRequest]:
+    def seed_builder(self, req: GenerateRequest, request_id: str | None) -> Callable[[Engine], GenerationRequest]:
         def build(engine: Engine) -> GenerationRequest:
             return inputs.from_seed(req, self.settings, vision=engine.loaded.vision, request_id=request_id)
 
@@ -107,9 +101,7 @@ class MedGemmaCore:
         self._log_result(greq, result, "generate")
         return self.seed_body(greq, result, started)
 
-    async def generate_stream(
-        self, payload: dict[str, Any], *, request_id: str | None = None
-    ) -> AsyncIterator[str]:
+    async def generate_stream(self, payload: dict[str, Any], *, request_id: str | None = None) -> AsyncIterator[str]:
         """Validate and queue first (so errors are proper HTTP answers), then return the SSE event stream."""
         started = time.perf_counter()
         req = self.parse_seed(payload)
@@ -166,6 +158,65 @@ class MedGemmaCore:
                 result.text,
             )
 
+    # -- OpenAI-compatible chat completions
+    def openai_builder(
+        self, req: openai_api.ChatCompletionRequest, request_id: str | None
+    ) -> Callable[[Engine], GenerationRequest]:
+        def build(engine: Engine) -> GenerationRequest:
+            return openai_api.to_generation_request(
+                req, self.settings, vision=engine.loaded.vision, request_id=request_id
+            )
+
+        return build
+
+    def parse_openai(self, payload: Any) -> openai_api.ChatCompletionRequest:
+        req = parse_model(openai_api.ChatCompletionRequest, payload)
+        openai_api.check_model(req.model, self.settings)
+        return req
+
+    async def chat_completion(
+        self, payload: Any, *, request_id: str | None = None, disconnected: Disconnected | None = None
+    ) -> dict[str, Any]:
+        started = time.perf_counter()
+        req = self.parse_openai(payload)
+        greq, result = await self.run(self.openai_builder(req, request_id), disconnected)
+        self._log_result(greq, result, "chat.completions")
+        metrics = compute_metrics(time.perf_counter() - started, result)
+        return openai_api.completion(greq, result, req.model, metrics)
+
+    async def chat_completion_stream(self, payload: Any, *, request_id: str | None = None) -> AsyncIterator[str]:
+        """OpenAI SSE: a role chunk, content chunks, a finish chunk, an optional usage chunk, then `[DONE]`."""
+        started = time.perf_counter()
+        req = self.parse_openai(payload)
+        greq, handle = await self.submit(self.openai_builder(req, request_id))
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        created = int(time.time())
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                yield sse(openai_api.chunk(greq, req.model, {"role": "assistant", "content": ""}, created=created))
+                async for delta in handle.stream():
+                    if delta.text:
+                        yield sse(openai_api.chunk(greq, req.model, {"content": delta.text}, created=created))
+                result = handle.result
+                assert result is not None
+                self._log_result(greq, result, "chat.completions(stream)")
+                finish = "length" if result.finish_reason == "length" else "stop"
+                yield sse(openai_api.chunk(greq, req.model, {}, finish, created=created))
+                if include_usage:
+                    last = openai_api.chunk(greq, req.model, {}, created=created)
+                    last["choices"] = []
+                    last["usage"] = openai_api.usage(result)
+                    last["compute_metrics"] = compute_metrics(time.perf_counter() - started, result)
+                    yield sse(last)
+            except ServiceError as exc:
+                yield sse(error_body(exc, openai=True))
+            finally:
+                handle.cancel()
+            yield "data: [DONE]\n\n"
+
+        return events()
+
     # -- discovery, health, models
     def schema(self) -> dict[str, Any]:
         engine = self.manager.require()
@@ -209,9 +260,7 @@ class MedGemmaCore:
             "demo": bool(m.loaded.is_demo) if m.loaded else None,
         }
         if m.loaded is not None:
-            entry["capabilities"] = (
-                ["text-to-text", "image-text-to-text"] if m.loaded.vision else ["text-to-text"]
-            )
+            entry["capabilities"] = ["text-to-text", "image-text-to-text"] if m.loaded.vision else ["text-to-text"]
         return {"object": "list", "data": [entry]}
 
 

@@ -169,9 +169,7 @@ def _read(data: bytes, param: str) -> Dataset:
             f"The DICOM file in '{param}' cannot be read: it is truncated or malformed", param=param
         ) from None
     if len(ds) == 0:
-        raise BadRequest(
-            f"The DICOM file in '{param}' is truncated or empty: it holds no data set", param=param
-        )
+        raise BadRequest(f"The DICOM file in '{param}' is truncated or empty: it holds no data set", param=param)
     return ds
 
 
@@ -220,10 +218,7 @@ def _transfer_syntax(ds: Dataset, param: str) -> UID:
             param=param,
         )
     implicit, little = ds.original_encoding
-    if little is False:
-        uid = ExplicitVRBigEndian
-    else:
-        uid = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    uid = ExplicitVRBigEndian if little is False else ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = uid
     return uid
@@ -256,9 +251,7 @@ def _decoder(ds: Dataset, param: str) -> Decoder:
     return decoder
 
 
-def _decode_frame(
-    decoder: Decoder, ds: Dataset, index: int, total: int, param: str
-) -> tuple[np.ndarray, str]:
+def _decode_frame(decoder: Decoder, ds: Dataset, index: int, total: int, param: str) -> tuple[np.ndarray, str]:
     """One frame as an array (rows, columns[, samples]) and its photometric interpretation after decoding.
 
     ``raw=False`` lets pydicom convert YBR_FULL/YBR_FULL_422 to RGB, and the returned metadata says so
@@ -312,9 +305,7 @@ def _to_rgb(
                 f"The DICOM file in '{param}' uses a colour encoding this service cannot convert to RGB",
                 param=param,
             )
-        return Image.fromarray(
-            _rgb_to_uint8(arr, _int(ds, "BitsStored") or 8 * arr.dtype.itemsize), mode="RGB"
-        )
+        return Image.fromarray(_rgb_to_uint8(arr, _int(ds, "BitsStored") or 8 * arr.dtype.itemsize), mode="RGB")
     raise UnsupportedMediaType(
         f"The DICOM file in '{param}' has {samples} samples per pixel; only 1 (grey) or 3 (colour) work",
         param=param,

@@ -179,9 +179,7 @@ class _Batch:
     def length(self) -> int:
         return 0 if self.mask is None else int(self.mask.shape[1])
 
-    def merge(
-        self, rows: list[_Row], layers: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor
-    ) -> None:
+    def merge(self, rows: list[_Row], layers: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
         if not self.rows:
             self.rows, self.layers, self.mask = list(rows), layers, mask
             return
@@ -338,9 +336,7 @@ class Engine:
         handle = RequestHandle(prepared)
         with self._cv:
             if self._draining or self._stopping:
-                raise EngineUnavailable(
-                    "the server is shutting down; retry on another replica", retry_after=5
-                )
+                raise EngineUnavailable("the server is shutting down; retry on another replica", retry_after=5)
             if len(self._waiting) >= self.max_queue:
                 raise Overloaded(
                     f"the generation queue is full ({self.max_queue} waiting); retry shortly", retry_after=2
@@ -369,9 +365,7 @@ class Engine:
             except Exception:  # pragma: no cover - the per-phase handlers catch what they can explain
                 log.exception("engine step failed")
                 self._fail_all(InternalError())
-        self._fail_all(
-            EngineUnavailable("the server is shutting down; retry on another replica", retry_after=5)
-        )
+        self._fail_all(EngineUnavailable("the server is shutting down; retry on another replica", retry_after=5))
         with self._cv:
             while self._waiting:
                 self._waiting.popleft()._finish(
@@ -523,9 +517,7 @@ class Engine:
             self._emit_text(row)
             if row.finish is None and len(row.generated) >= row.params.max_new_tokens:
                 row.finish = "length"
-        done = [
-            i for i, r in enumerate(self._batch.rows) if r.finish is not None or r.handle.cancelled.is_set()
-        ]
+        done = [i for i, r in enumerate(self._batch.rows) if r.finish is not None or r.handle.cancelled.is_set()]
         if done:
             for i in done:
                 self._complete(self._batch.rows[i])
@@ -608,9 +600,7 @@ class Engine:
     def _complete_cancelled(self, h: RequestHandle) -> None:
         self.finished += 1
         h._finish(
-            GenerationResult(
-                text="", finish_reason="cancelled", input_tokens=h.prepared.n_input, output_tokens=0
-            ),
+            GenerationResult(text="", finish_reason="cancelled", input_tokens=h.prepared.n_input, output_tokens=0),
         )
 
     def _fail_all(self, error: ServiceError) -> None:
@@ -626,8 +616,9 @@ class Engine:
 def _sample(rows: list[_Row], logits: torch.Tensor) -> list[int]:
     """Per-row logits processing in transformers' order: repetition penalty, temperature, top-k, top-p."""
     out: list[int] = []
-    for row, lg in zip(rows, logits, strict=True):
+    for row, row_logits in zip(rows, logits, strict=True):
         p = row.params
+        lg = row_logits
         if p.repetition_penalty is not None and p.repetition_penalty != 1.0:
             seen = torch.cat(
                 [

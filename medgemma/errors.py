@@ -23,6 +23,7 @@ class ServiceError(Exception):
     def __init__(
         self,
         message: str,
+        /,
         *,
         param: str | None = None,
         headers: dict[str, str] | None = None,
@@ -134,3 +135,33 @@ class InternalError(ServiceError):
 
     def __init__(self, message: str = "Internal error while serving the request", **kw: Any) -> None:
         super().__init__(message, **kw)
+
+
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    202: "model_loading",
+    503: "service_unavailable",
+}
+
+
+def error_body(exc: ServiceError, *, openai: bool) -> dict[str, Any]:
+    """The body for ``exc``: this service's shape, or OpenAI's ``{"error": {...}}`` on OpenAI routes."""
+    if not openai:
+        return exc.body()
+    body: dict[str, Any] = {
+        "error": {
+            "message": exc.message,
+            "type": _OPENAI_TYPES.get(exc.status_code, "server_error"),
+            "param": exc.param,
+            "code": exc.status,
+        }
+    }
+    if exc.status_code in (202, 503):
+        # Lifecycle answers carry the seed's fields too, so OpenAI clients can read state and progress.
+        body.update({k: v for k, v in exc.body().items() if k != "error"})
+    return body

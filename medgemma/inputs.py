@@ -8,7 +8,6 @@ is ordered by slice and labelled "SLICE n", as Google's CT notebook does.
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -167,9 +166,9 @@ def check_conversation(messages: list[Message], settings: Settings, *, vision: b
                         "image+text model such as google/medgemma-4b-it",
                         param=param,
                     )
-        if not m.parts or all(isinstance(p, TextPart) and not p.text.strip() for p in m.parts):
-            if m.role != "assistant":
-                raise BadRequest(f"{param}: content must not be empty", param=param)
+        empty = all(isinstance(p, TextPart) and not p.text.strip() for p in m.parts)
+        if empty and m.role != "assistant":
+            raise BadRequest(f"{param}: content must not be empty", param=param)
     if n_images > settings.max_images:
         raise PayloadTooLarge(
             f"{n_images} images (DICOM frames count one each) is above the limit of {settings.max_images} per request",
@@ -240,16 +239,7 @@ def _label_series(images: list[ImagePart]) -> list[Part]:
 
 def _label_series_in_parts(parts: list[Part]) -> Iterable[Part]:
     images = [p for p in parts if isinstance(p, ImagePart)]
-    if not _is_ct_series(images) or any(
-        isinstance(p, TextPart) and p.text.startswith("SLICE") for p in parts
-    ):
+    if not _is_ct_series(images) or any(isinstance(p, TextPart) and p.text.startswith("SLICE") for p in parts):
         return parts
     texts = [p for p in parts if isinstance(p, TextPart)]
     return [*texts, *_label_series(images)]
-
-
-def decode_base64(data: str, param: str) -> bytes:
-    try:
-        return base64.b64decode(data, validate=False)
-    except ValueError:
-        raise BadRequest(f"{param}: not valid base64", param=param) from None

@@ -29,7 +29,7 @@ from medgemma.loader import LoadedModel, load_model
 log = logging.getLogger(__name__)
 
 
-class ModelState(str, enum.Enum):
+class ModelState(enum.StrEnum):
     UNLOADED = "unloaded"
     LOADING = "loading"
     READY = "ready"
@@ -166,9 +166,7 @@ class ModelManager:
                 waited = time.monotonic() - (self.failed_at or 0.0)
                 remaining = self.settings.load_retry_backoff_s - waited
                 if remaining > 0:
-                    raise ModelFailed(
-                        self.error or "unknown error", retry_after=max(1, int(remaining + 0.999))
-                    )
+                    raise ModelFailed(self.error or "unknown error", retry_after=max(1, int(remaining + 0.999)))
             started = self.start_loading()
         raise self.loading_error(started)
 

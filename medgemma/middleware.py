@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from medgemma.errors import PayloadTooLarge, ServiceError, Unauthorized
+from medgemma.errors import PayloadTooLarge, ServiceError, Unauthorized, error_body
 
 log = logging.getLogger("medgemma.access")
 
@@ -40,37 +40,7 @@ OPEN_PATHS = ("/livez", "/readyz", "/healthz", "/metrics")
 
 
 def is_openai_path(path: str) -> bool:
-    return "/chat/completions" in path or path.rstrip("/").endswith("/v1/models") and path.startswith("/v1")
-
-
-def error_body(exc: ServiceError, *, openai: bool) -> dict[str, Any]:
-    if not openai:
-        return exc.body()
-    body: dict[str, Any] = {
-        "error": {
-            "message": exc.message,
-            "type": _openai_type(exc.status_code),
-            "param": exc.param,
-            "code": exc.status,
-        }
-    }
-    if exc.status_code in (202, 503):
-        # Lifecycle answers carry the seed's fields too, so OpenAI clients can read state and progress.
-        body.update({k: v for k, v in exc.body().items() if k != "error"})
-    return body
-
-
-def _openai_type(status: int) -> str:
-    return {
-        400: "invalid_request_error",
-        401: "authentication_error",
-        404: "not_found_error",
-        413: "invalid_request_error",
-        415: "invalid_request_error",
-        429: "rate_limit_error",
-        202: "model_loading",
-        503: "service_unavailable",
-    }.get(status, "server_error")
+    return "/chat/completions" in path or (path.rstrip("/").endswith("/v1/models") and path.startswith("/v1"))
 
 
 class EdgeMiddleware:
@@ -117,9 +87,7 @@ class EdgeMiddleware:
             if problem is not None:
                 await _send_error(send_logged, problem, openai=openai)
                 return
-            await self.app(
-                scope, self._limited(receive, scope), _Rewriter(send_logged, openai=openai, scope=scope)
-            )
+            await self.app(scope, self._limited(receive, scope), _Rewriter(send_logged, openai=openai, scope=scope))
         finally:
             log.info(
                 "request_id=%s method=%s path=%s status=%s duration_ms=%.1f",
@@ -147,12 +115,7 @@ class EdgeMiddleware:
         return None
 
     def _is_open(self, path: str) -> bool:
-        if (
-            path in self.open_paths
-            or path == "/"
-            or path.endswith("/v1/health")
-            or "/playground" in path
-        ):
+        if path in self.open_paths or path == "/" or path.endswith("/v1/health") or "/playground" in path:
             return True
         return path.startswith(("/docs", "/schema.json", "/static_content", "/_internal"))
 
@@ -257,9 +220,7 @@ async def _send_error(
 ) -> None:
     body = json.dumps(error_body(exc, openai=openai)).encode()
     keep = [
-        (k, v)
-        for k, v in (extra_headers or [])
-        if k.lower() in (b"retry-after", b"www-authenticate", b"x-request-id")
+        (k, v) for k, v in (extra_headers or []) if k.lower() in (b"retry-after", b"www-authenticate", b"x-request-id")
     ]
     headers = [
         (b"content-type", b"application/json"),

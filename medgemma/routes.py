@@ -7,16 +7,17 @@ The handlers are thin: they call ``MedGemmaCore`` and turn ``ServiceError`` into
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from medgemma.core import MedGemmaCore
-from medgemma.errors import InternalError, ServiceError
-from medgemma.middleware import OWN_ERROR_HEADER, error_body
+from medgemma.core import ClientGone, MedGemmaCore
+from medgemma.errors import BadRequest, InternalError, ServiceError, error_body
+from medgemma.middleware import OWN_ERROR_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,53 @@ def seed_app(core: Callable[[], MedGemmaCore]) -> FastAPI:
     async def models() -> Response:
         return json_response(core().models())
 
+    app.include_router(openai_router(core, models=False))
     return app
+
+
+def openai_app(core: Callable[[], MedGemmaCore]) -> FastAPI:
+    """The OpenAI-compatible routes alone, mounted at `/v1` so `base_url="http://host:3000/v1"` works."""
+    app = FastAPI(title="MedGemma OpenAI-compatible API", docs_url=None, redoc_url=None)
+    app.include_router(openai_router(core, models=True))
+    return app
+
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def openai_router(core: Callable[[], MedGemmaCore], *, models: bool) -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        try:
+            payload = await read_json(request)
+            rid = request_id(request)
+            if isinstance(payload, dict) and payload.get("stream") is True:
+                events = await core().chat_completion_stream(payload, request_id=rid)
+                return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+            body = await core().chat_completion(payload, request_id=rid, disconnected=request.is_disconnected)
+            return json_response(body)
+        except ClientGone:
+            return Response(status_code=499)
+        except Exception as exc:
+            return error_response(exc, openai=True)
+
+    if models:
+
+        @router.get("/models")
+        async def list_models() -> Response:
+            return json_response(core().models())
+
+    return router
+
+
+async def read_json(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise BadRequest("request body is not valid JSON") from None
 
 
 def request_id(request: Request) -> str | None:
