@@ -43,9 +43,7 @@ class Settings:
         "Hugging Face model id or local checkpoint directory; `demo`, `demo:small`, `demo:tiny-text`, "
         "`demo:small-text` build a random-weight demo checkpoint locally.",
     )
-    app_name: str = setting(
-        "", "Route prefix `/{app}/v1/...`; empty derives it from the model (`medgemma-27b-it`)."
-    )
+    app_name: str = setting("", "Route prefix `/{app}/v1/...`; empty derives it from the model (`medgemma-27b-it`).")
     load_on_startup: bool = setting(
         True, "Start loading when the server starts; `false` loads on the first request (scale from zero)."
     )
@@ -54,15 +52,9 @@ class Settings:
     )
     device_map: str = setting("auto", "Passed to `from_pretrained`: `auto` spreads over all visible GPUs.")
     attn_implementation: str = setting("sdpa", "Attention kernel: `sdpa`, `eager` or `flex_attention`.")
-    quantization: Quantization = setting(
-        "none", "`8bit` / `4bit` load through bitsandbytes (optional extra)."
-    )
-    trust_remote_code: bool = setting(
-        False, "Run model code from the Hub; Gemma 3 is native, so keep it off."
-    )
-    hf_token: str = setting(
-        "", "Token for gated models; used when set, never required.", env="HF_TOKEN", secret=True
-    )
+    quantization: Quantization = setting("none", "`8bit` / `4bit` load through bitsandbytes (optional extra).")
+    trust_remote_code: bool = setting(False, "Run model code from the Hub; Gemma 3 is native, so keep it off.")
+    hf_token: str = setting("", "Token for gated models; used when set, never required.", env="HF_TOKEN", secret=True)
     demo_dir: str = setting("", "Where demo checkpoints are built; empty = `~/.cache/medgemma/demo`.")
 
     # --- lifecycle -----------------------------------------------------------------------------------------------
@@ -73,25 +65,18 @@ class Settings:
     idle_unload_s: float = setting(0.0, "Unload the model after this many idle seconds; 0 never unloads.")
 
     # --- generation ----------------------------------------------------------------------------------------------
-    default_max_new_tokens: int = setting(
-        200, "`max_new_tokens` when a request does not set it (seed default)."
-    )
+    default_max_new_tokens: int = setting(200, "`max_new_tokens` when a request does not set it (seed default).")
     max_new_tokens_cap: int = setting(4096, "Largest `max_new_tokens` a request may ask for.")
     max_batch_size: int = setting(16, "Most sequences decoded together in one forward pass.")
     max_queue: int = setting(256, "Most requests waiting for a batch slot; more are answered 429.")
-    compile: bool = setting(False, "GPU only: static KV cache + torch.compile for the decode step.")
 
     # --- inputs and limits ---------------------------------------------------------------------------------------
     max_body_bytes: int = setting(128 * 1024 * 1024, "Largest request body; larger bodies get 413.")
     max_image_bytes: int = setting(32 * 1024 * 1024, "Largest encoded image or DICOM file.")
-    max_image_pixels: int = setting(
-        40_000_000, "Largest image frame (width x height), checked before decoding."
-    )
+    max_image_pixels: int = setting(40_000_000, "Largest image frame (width x height), checked before decoding.")
     max_images: int = setting(96, "Most images per request (Google's CT notebook sends 85 slices).")
     max_text_chars: int = setting(200_000, "Longest text in one message part or system prompt.")
-    dicom_frames: FrameSelection = setting(
-        "middle", "Frames of a multi-frame DICOM used: middle, first or all."
-    )
+    dicom_frames: FrameSelection = setting("middle", "Frames of a multi-frame DICOM used: middle, first or all.")
     image_url_domains: tuple[str, ...] = setting(
         (), "Comma-separated domains whose http(s) image URLs may be fetched; empty fetches none."
     )
@@ -166,9 +151,7 @@ def parse_demo_spec(model: str) -> tuple[Literal["vlm", "text"], Literal["tiny",
     spec = model.partition(":")[2] or "tiny"
     size, _, kind = spec.partition("-")
     if size not in ("tiny", "small") or kind not in ("", "text", "vlm"):
-        raise ValueError(
-            f"unknown demo model {model!r}: use demo, demo:small, demo:tiny-text or demo:small-text"
-        )
+        raise ValueError(f"unknown demo model {model!r}: use demo, demo:small, demo:tiny-text or demo:small-text")
     return ("text" if kind == "text" else "vlm"), size  # type: ignore[return-value]
 
 

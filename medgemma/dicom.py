@@ -55,7 +55,7 @@ from medgemma.imaging import (
 logger = logging.getLogger(__name__)
 
 DICOM_MEDIA_TYPES = frozenset({"application/dicom", "application/dicom+octet-stream", "image/dicom"})
-CODECS_INSTALL = "pip install 'medgemma-bentoml[dicom-codecs]'"
+CODECS_INSTALL = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg"
 
 #: (lo, hi) in HU for the R, G and B channels of a CT slice.
 CT_WINDOWS: tuple[tuple[float, float], ...] = ((-1024.0, 1024.0), (-135.0, 215.0), (0.0, 80.0))

@@ -422,7 +422,7 @@ def test_rle_lossless_decodes_exactly():
 
 @pytest.mark.skipif(
     not (get_encoder(JPEG2000Lossless).is_available and get_decoder(JPEG2000Lossless).is_available),
-    reason="needs pylibjpeg-openjpeg (the dicom-codecs extra)",
+    reason="needs pylibjpeg-openjpeg (a dependency of this project)",
 )
 def test_jpeg2000_lossless_decodes_exactly():
     # the OpenJPEG encoder needs at least 32x32 pixels
@@ -481,7 +481,7 @@ def test_missing_decoder_suggests_the_codecs_extra(monkeypatch):
     message = err.value.message
     assert "1.2.840.10008.1.2.4.50" in message
     assert "JPEG Baseline" in message
-    assert "pip install 'medgemma-bentoml[dicom-codecs]'" in message
+    assert "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg" in message
     assert err.value.status_code == 415
 
 
