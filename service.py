@@ -133,4 +133,14 @@ def _respond(ctx: bentoml.Context, response: Response) -> Any:
     return response
 
 
-MedGemma.add_asgi_middleware(EdgeMiddleware, api_token=SETTINGS.api_token, max_body_bytes=SETTINGS.max_body_bytes)
+def _count_response(route: str, status: int) -> None:
+    if _core is not None:
+        _core.count_response(route, status)
+
+
+MedGemma.add_asgi_middleware(
+    EdgeMiddleware,
+    api_token=SETTINGS.api_token,
+    max_body_bytes=SETTINGS.max_body_bytes,
+    on_response=_count_response,
+)

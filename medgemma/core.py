@@ -52,6 +52,15 @@ class MedGemmaCore:
         if handle.result is not None:
             Metrics.get().observe_result(handle.result)
 
+    def _engine_stats(self, stats: Any) -> None:
+        metrics = Metrics.get()
+        metrics.waiting.set(stats.waiting)
+        metrics.running.set(stats.running)
+
+    def count_response(self, route: str, status: int) -> None:
+        """Called by the edge middleware once per answered request."""
+        Metrics.get().requests.labels(route=route, status=str(status)).inc()
+
     def startup(self) -> None:
         self._state_changed(self.manager.state)
         if self.settings.load_on_startup:
@@ -230,6 +239,7 @@ class MedGemmaCore:
             "model_source": self.settings.model,
             "model_state": m.state.value,
             "device": m.loaded.device if m.loaded else None,
+            "model_memory_mb": round(m.loaded.model.get_memory_footprint() / 2**20, 2) if m.loaded else 0.0,
             "uptime_seconds": round(time.monotonic() - self._started_mono, 1),
             "loads": m.loads,
         }

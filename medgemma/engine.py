@@ -254,6 +254,7 @@ class Engine:
         max_queue: int = 256,
         prefill_token_budget: int = 16384,
         on_finish: Callable[[RequestHandle], None] | None = None,
+        on_stats: Callable[[EngineStats], None] | None = None,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -264,6 +265,8 @@ class Engine:
         self.max_queue = max_queue
         self.prefill_token_budget = prefill_token_budget
         self.on_finish = on_finish
+        self.on_stats = on_stats
+        self._published: tuple[int, int] = (-1, -1)
         self.eos_ids = set(_eos_ids(loaded))
         self.context_length = _context_length(loaded.config)
         self.pad_id = _pad_id(loaded)
@@ -298,6 +301,16 @@ class Engine:
 
     def stats(self) -> EngineStats:
         return EngineStats(len(self._waiting), len(self._batch.rows), self.steps, self.finished)
+
+    def _publish(self) -> None:
+        """Report waiting/running counts (Prometheus gauges) when they change."""
+        if self.on_stats is None:
+            return
+        now = (len(self._waiting), len(self._batch.rows))
+        if now != self._published:
+            self._published = now
+            with contextlib.suppress(Exception):
+                self.on_stats(self.stats())
 
     # -- caller side
     def prepare(self, req: GenerationRequest) -> PreparedRequest:
@@ -343,6 +356,7 @@ class Engine:
                 )
             self._waiting.append(handle)
             self._cv.notify_all()
+            self._publish()
         return handle
 
     # -- engine thread
@@ -355,6 +369,7 @@ class Engine:
                 if self._stopping:
                     break
                 admitted = self._admit()
+            self._publish()
             try:
                 if admitted:
                     self._prefill(admitted)
@@ -365,6 +380,7 @@ class Engine:
             except Exception:  # pragma: no cover - the per-phase handlers catch what they can explain
                 log.exception("engine step failed")
                 self._fail_all(InternalError())
+            self._publish()
         self._fail_all(EngineUnavailable("the server is shutting down; retry on another replica", retry_after=5))
         with self._cv:
             while self._waiting:

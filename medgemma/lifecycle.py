@@ -49,11 +49,13 @@ class ModelManager:
         loader: Loader = load_model,
         on_state: Callable[[ModelState], None] | None = None,
         on_finish: Callable[[Any], None] | None = None,
+        on_stats: Callable[[Any], None] | None = None,
     ) -> None:
         self.settings = settings
         self._loader = loader
         self._on_state = on_state
         self._on_finish = on_finish
+        self._on_stats = on_stats
         self._lock = threading.RLock()
         self.state = ModelState.UNLOADED
         self.loaded: LoadedModel | None = None
@@ -110,6 +112,7 @@ class ModelManager:
                 max_batch_size=self.settings.max_batch_size,
                 max_queue=self.settings.max_queue,
                 on_finish=self._on_finish,
+                on_stats=self._on_stats,
             )
             engine.start()
         except BaseException as exc:  # a load error of any kind must be stored, never crash the server
@@ -201,10 +204,10 @@ class ModelManager:
                 idle = time.monotonic() - self.last_used
             if engine is None:
                 continue
-            stats = engine.stats()
-            if stats.waiting or stats.running:
+            busy = engine.stats().waiting or engine.stats().running
+            del engine  # hold no reference across unload(): it must be able to free the model
+            if busy:
                 with self._lock:
                     self.last_used = time.monotonic()
-                continue
-            if idle >= self.settings.idle_unload_s:
+            elif idle >= self.settings.idle_unload_s:
                 self.unload(reason=f"idle for {idle:.0f} s")

@@ -52,12 +52,14 @@ class EdgeMiddleware:
         max_body_bytes: int = 128 * 1024 * 1024,
         open_paths: tuple[str, ...] = OPEN_PATHS,
         openai_path: Callable[[str], bool] = is_openai_path,
+        on_response: Callable[[str, int], None] | None = None,
     ) -> None:
         self.app = app
         self.api_token = api_token.encode()
         self.max_body_bytes = max_body_bytes
         self.open_paths = open_paths
         self.openai_path = openai_path
+        self.on_response = on_response
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -89,6 +91,11 @@ class EdgeMiddleware:
                 return
             await self.app(scope, self._limited(receive, scope), _Rewriter(send_logged, openai=openai, scope=scope))
         finally:
+            if self.on_response is not None and status_holder["status"]:
+                try:
+                    self.on_response(route_label(path), status_holder["status"])
+                except Exception:  # metrics must never break a response
+                    log.debug("on_response hook failed", exc_info=True)
             log.info(
                 "request_id=%s method=%s path=%s status=%s duration_ms=%.1f",
                 rid,
@@ -134,6 +141,20 @@ class EdgeMiddleware:
             return message
 
         return wrapped
+
+
+def route_label(path: str) -> str:
+    """A low-cardinality route label for metrics: the app prefix folded, unknown paths grouped."""
+    parts = [p for p in path.split("/") if p]
+    if len(parts) >= 3 and parts[1] == "v1":
+        return "/{app}/v1/" + "/".join(parts[2:4])
+    if len(parts) >= 2 and parts[1] == "playground":
+        return "/{app}/playground"
+    if parts and parts[0] == "v1":
+        return "/" + "/".join(parts[:3])
+    if len(parts) == 1 and parts[0] in ("livez", "readyz", "healthz", "metrics"):
+        return "/" + parts[0]
+    return "other"
 
 
 def _too_large(n: int, limit: int) -> PayloadTooLarge:
