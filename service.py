@@ -21,7 +21,6 @@ import logging
 from typing import Any, Optional
 
 import bentoml
-from medgemma.playground import playground_app
 from PIL import Image as PILImage
 from starlette.responses import Response, StreamingResponse
 
@@ -29,6 +28,7 @@ from medgemma import bentoml_compat
 from medgemma.config import SERVICE_NAME, Settings, load_bentoml_config
 from medgemma.core import ClientGone, MedGemmaCore
 from medgemma.middleware import EdgeMiddleware
+from medgemma.playground import playground_app
 from medgemma.routes import error_response, json_response, openai_app, seed_app
 
 bentoml_compat.apply()

@@ -27,8 +27,8 @@ def apply() -> None:
     global _applied
     if _applied:
         return
-    import _bentoml_impl.serde as serde
-    import _bentoml_sdk.validators as validators
+    from _bentoml_impl import serde
+    from _bentoml_sdk import validators
     from bentoml.exceptions import BadInput
     from starlette.datastructures import Headers, UploadFile
 
@@ -53,14 +53,10 @@ def apply() -> None:
             return obj
         value = str(obj).strip().strip("\"'")
         if not value.startswith("data:"):
-            raise BadInput(
-                "image fields take an uploaded file or a data URI; URLs are not fetched by this server"
-            )
+            raise BadInput("image fields take an uploaded file or a data URI; URLs are not fetched by this server")
         try:
             media_type, data = parse_data_uri(value)
-        except (
-            ServiceError
-        ) as exc:  # BentoML turns BadInput into a 400; the edge middleware reshapes the body
+        except ServiceError as exc:  # BentoML turns BadInput into a 400; the edge middleware reshapes the body
             raise BadInput(exc.message) from None
         return UploadFile(
             io.BytesIO(data), size=len(data), filename="upload", headers=Headers({"content-type": media_type})

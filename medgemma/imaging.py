@@ -225,9 +225,7 @@ _MEDIA_TYPE_RE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,63}/[a-z0-9][a-z0-9!#$
 _WHITESPACE_RE = re.compile(r"\s+")
 
 
-def parse_data_uri(
-    value: str, *, param: str = "image", limits: ImageLimits | None = None
-) -> tuple[str, bytes]:
+def parse_data_uri(value: str, *, param: str = "image", limits: ImageLimits | None = None) -> tuple[str, bytes]:
     """Decode ``data:<media type>[;params][;base64],<data>`` into ``(media type lowercased, bytes)``.
 
     Accepted:
@@ -353,9 +351,7 @@ def load_images(
     img = _open_raster(data, limits=limits, param=param)
     if img is not None:
         with img:
-            return [
-                _prepare(img, _RASTER_FORMATS[img.format or ""], window=window, limits=limits, param=param)
-            ]
+            return [_prepare(img, _RASTER_FORMATS[img.format or ""], window=window, limits=limits, param=param)]
 
     if declared in dicom.DICOM_MEDIA_TYPES or dicom.looks_like_raw_dataset(data):
         return dicom.load_dicom(data, window=window, frames=frames, limits=limits, param=param)
@@ -422,14 +418,10 @@ def _open_raster(data: bytes, *, limits: ImageLimits, param: str) -> Image.Image
         ) from None
     except Exception as exc:  # a plugin recognised its signature but the header is broken
         logger.info("image header rejected: %s", type(exc).__name__)
-        raise BadRequest(
-            f"The image in '{param}' is corrupt: its header cannot be read", param=param
-        ) from None
+        raise BadRequest(f"The image in '{param}' is corrupt: its header cannot be read", param=param) from None
 
 
-def _prepare(
-    img: Image.Image, source: str, *, window: Window | None, limits: ImageLimits, param: str
-) -> PreparedImage:
+def _prepare(img: Image.Image, source: str, *, window: Window | None, limits: ImageLimits, param: str) -> PreparedImage:
     """Size check, decode, EXIF orientation, then mode normalisation to 8-bit RGB."""
     width, height = img.size
     check_pixels(width, height, limits, param)

@@ -85,9 +85,7 @@ def _quantization_config(settings: Settings) -> Any:
 
     if settings.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_type="nf4"
-    )
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_type="nf4")
 
 
 def weight_files(path: str) -> list[Path]:
@@ -142,9 +140,7 @@ def load_model(settings: Settings, progress: ProgressFn | None = None) -> Loaded
     files = weight_files(source)
     total_bytes = sum(f.stat().st_size for f in files)
     report({"phase": "loading weights", "files_total": len(files), "bytes_total": total_bytes})
-    log.info(
-        "loading %s (%s, dtype=%s, device=%s)", source, model_cls.__name__, dtype, "cuda" if cuda else "cpu"
-    )
+    log.info("loading %s (%s, dtype=%s, device=%s)", source, model_cls.__name__, dtype, "cuda" if cuda else "cpu")
     with _track_shards(files, report):
         model = model_cls.from_pretrained(source, **kwargs)
     model.eval()

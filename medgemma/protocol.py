@@ -75,9 +75,7 @@ class SamplingParams:
           layer, so no parameter is ever silently ignored.
         """
         if do_sample is None:
-            do_sample = bool(
-                (temperature is not None and temperature > 0) or top_p is not None or top_k is not None
-            )
+            do_sample = bool((temperature is not None and temperature > 0) or top_p is not None or top_k is not None)
         if temperature == 0:
             do_sample = False
         return cls(

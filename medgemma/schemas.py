@@ -78,9 +78,7 @@ class GenerationParameters(APIModel):
                 given.insert(0, "temperature")
             if given:
                 verb = "applies" if len(given) == 1 else "apply"
-                raise ValueError(
-                    f"{', '.join(given)} only {verb} when do_sample is true; remove or set do_sample true"
-                )
+                raise ValueError(f"{', '.join(given)} only {verb} when do_sample is true; remove or set do_sample true")
         return self
 
 

@@ -68,12 +68,8 @@ def gpu_snapshot() -> dict[str, float | None]:
     torch = _cuda()
     if torch is not None:
         n = torch.cuda.device_count()
-        out["replica_gpu_memory_allocated_mb"] = round(
-            sum(torch.cuda.memory_allocated(i) for i in range(n)) / _MB, 2
-        )
-        out["replica_gpu_memory_reserved_mb"] = round(
-            sum(torch.cuda.memory_reserved(i) for i in range(n)) / _MB, 2
-        )
+        out["replica_gpu_memory_allocated_mb"] = round(sum(torch.cuda.memory_allocated(i) for i in range(n)) / _MB, 2)
+        out["replica_gpu_memory_reserved_mb"] = round(sum(torch.cuda.memory_reserved(i) for i in range(n)) / _MB, 2)
     handles = _nvml()
     if handles:
         try:
@@ -134,9 +130,7 @@ class Metrics:
         multiproc = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         live = {"multiprocess_mode": "livesum"} if multiproc else {}
         latest = {"multiprocess_mode": "mostrecent"} if multiproc else {}
-        self.requests = Counter(
-            "medgemma_requests", "Requests answered, by route and HTTP status", ["route", "status"]
-        )
+        self.requests = Counter("medgemma_requests", "Requests answered, by route and HTTP status", ["route", "status"])
         self.ttft = Histogram(
             "medgemma_time_to_first_token_seconds",
             "Time from submission to the first token",
@@ -153,18 +147,12 @@ class Metrics:
         self.queue_wait = Histogram(
             "medgemma_queue_wait_seconds", "Time waiting for a batch slot", buckets=_LATENCY_BUCKETS
         )
-        self.prompt_tokens = Counter(
-            "medgemma_prompt_tokens", "Prompt tokens processed (image tokens included)"
-        )
+        self.prompt_tokens = Counter("medgemma_prompt_tokens", "Prompt tokens processed (image tokens included)")
         self.generation_tokens = Counter("medgemma_generation_tokens", "Tokens generated")
         self.waiting = Gauge("medgemma_requests_waiting", "Requests waiting for a batch slot", **live)
         self.running = Gauge("medgemma_requests_running", "Requests in the running batch", **live)
-        self.model_state = Gauge(
-            "medgemma_model_state", "1 for the model's current state", ["state"], **latest
-        )
-        self.load_duration = Gauge(
-            "medgemma_model_load_duration_seconds", "Duration of the last load", **latest
-        )
+        self.model_state = Gauge("medgemma_model_state", "1 for the model's current state", ["state"], **latest)
+        self.load_duration = Gauge("medgemma_model_load_duration_seconds", "Duration of the last load", **latest)
 
     @classmethod
     def get(cls) -> Metrics:

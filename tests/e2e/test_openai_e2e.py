@@ -133,7 +133,7 @@ def test_app_prefixed_base_url_works_too(server, app):
         ),
     ],
 )
-def test_errors_in_openai_shape(client, app, server, kwargs, status, param):
+def test_errors_in_openai_shape(client, app, kwargs, status, param):
     base = {"model": app, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
     base.update(kwargs)
     with pytest.raises(openai.APIStatusError) as info:

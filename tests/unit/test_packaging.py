@@ -50,7 +50,7 @@ def test_bentoml_build_offline(tmp_path):
         "HF_HUB_OFFLINE": "1",
     }
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `uv` from the venv
-    proc = subprocess.run(
+    proc = subprocess.run(  # noqa: PLW1510 - the return code is asserted with the output
         [sys.executable, "-m", "bentoml", "build", "."],
         cwd=ROOT,
         env=env,
