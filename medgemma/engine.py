@@ -491,14 +491,14 @@ class Engine:
         self._advance(list(range(first, len(self._batch.rows))), logits)
 
     def _decode(self) -> None:
-        if self.fault_injector:
-            self.fault_injector("decode")
         batch = self._batch
         assert batch.mask is not None
         last = torch.tensor([[r.generated[-1]] for r in batch.rows], device=self.device)
         position_ids = batch.mask.sum(1, keepdim=True)  # next position = number of real tokens so far
         mask = torch.cat([batch.mask, torch.ones_like(batch.mask[:, :1])], dim=1)
         try:
+            if self.fault_injector:
+                self.fault_injector("decode")
             cache = batch.cache()
             out = self.model(
                 input_ids=last,
