@@ -1,0 +1,684 @@
+"""Random-weight MedGemma look-alikes, built offline in seconds with the real Gemma 3 classes.
+
+Real MedGemma weights cannot be downloaded here (and are gated anyway), but the service, its tests and
+its benchmarks need a model that runs exactly the code paths the real one does:
+``Gemma3ForConditionalGeneration`` with a SigLIP tower and ``Gemma3Processor`` (like google/medgemma-4b-it),
+or ``Gemma3ForCausalLM`` with a tokenizer (like google/medgemma-27b-text-it). This module writes such
+checkpoints with random weights and a small hand-made tokenizer, in the real checkpoints' file layout, so
+they load through the ``Auto*`` classes offline and without ``trust_remote_code``.
+
+Two sizes: ``tiny`` (under 0.5 MB, for the test suite) and ``small`` (~31M parameters, for CPU benchmarks
+whose per-token cost is tensor work rather than Python overhead). Their output is meaningless text: the
+README written next to the weights says so, and the ``medgemma_demo`` key in config.json lets the service
+tell a demo from a real model (see :func:`is_demo_checkpoint`).
+
+CLI: ``python -m medgemma.demo --kind vlm --size tiny [--out DIR]`` prints the checkpoint path, alone, on
+stdout, so that scripts can do ``MEDGEMMA_MODEL=$(python -m medgemma.demo)``; logging goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import itertools
+import json
+import logging
+import os
+import shutil
+import string
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+if TYPE_CHECKING:
+    from transformers import GemmaTokenizer, PreTrainedModel
+
+logger = logging.getLogger(__name__)
+
+DEMO_CONFIG_KEY = "medgemma_demo"
+"""Extra config.json key (also in the VLM's text_config): ``{"size": ..., "kind": ..., "seed": ...}``."""
+
+Kind = Literal["vlm", "text"]
+Size = Literal["tiny", "small"]
+KINDS: tuple[Kind, ...] = get_args(Kind)
+SIZES: tuple[Size, ...] = get_args(Size)
+
+DEMO_DIR_ENV = "MEDGEMMA_DEMO_DIR"
+"""Environment variable naming the directory that :func:`ensure_checkpoint` builds into by default."""
+
+# --- Tokens ---------------------------------------------------------------------------------------------
+# Ids follow the real Gemma 3 vocabulary where that is cheap (pad 0, eos 1, bos 2, unk 3, mask 4,
+# <unused0..98> from 6, <start_of_turn> 105, <end_of_turn> 106, "\n" 107, "\n\n" 108), so the EOS ids are
+# [1, 106] exactly as in google/medgemma-4b-it. The image tokens cannot keep their real ids (255999, 256000,
+# 262144) in a 1024-token vocabulary; they come next, and the config carries them, which is what the model
+# reads.
+PAD, EOS, BOS, UNK, MASK = "<pad>", "<eos>", "<bos>", "<unk>", "<mask>"
+START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
+BOI, EOI, IMAGE_SOFT = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
+SPACE = "\u2581"  # "▁": GemmaTokenizer's normalizer turns " " into it, its decoder turns it back
+_N_UNUSED = 99  # <unused0>..<unused98>; the 27B model's "thinking" is delimited by <unused94>/<unused95>
+_VOCAB_SIZE = 1024  # one tokenizer for both sizes, so token ids are the same for tiny and small
+
+# Ordinary words for the sub-word vocabulary, most frequent first, so that token counts and generated text
+# look like a real tokenizer's rather than a byte stream.
+_WORD_TEXT = """
+the of and to in is that for it with as was on be by this are or at from an not have has had were which but
+can will may no all one there their been more also other some these its than into only two after most such
+what when who how why where should could would does did do if then so very about over under between before
+during without within each both any many much new first last left right upper lower normal abnormal patient
+patients history clinical finding findings impression image images study exam report scan chest lung lungs
+heart cardiac liver kidney renal brain bone bones spine skin breast eye retina fundus head neck abdomen
+pelvis mass nodule lesion lesions opacity effusion pleural consolidation pneumonia pneumothorax edema
+fracture tumor cancer benign malignant acute chronic mild moderate severe small large size shape margin
+margins density contrast enhancement infiltrate atelectasis cardiomegaly mediastinum hilar airway trachea
+diaphragm rib ribs vertebral soft tissue tissues blood pressure pain fever cough dyspnea diagnosis
+differential treatment therapy dose follow up recommend recommended consider likely unlikely possible
+suggest suggests consistent evidence seen noted present absent stable unchanged increased decreased
+compared prior previous view views frontal lateral axial coronal sagittal slice slices ct mri xray
+radiograph ultrasound dermatology pathology histology cell cells sample slide stain grade year years old
+male female man woman age days weeks months time medical model answer question describe please help thank
+you yes information data result results test tests appears appear limits cardiopulmonary process clear
+silhouette visible
+"""
+_WORDS: tuple[str, ...] = tuple(dict.fromkeys(_WORD_TEXT.split()))
+_BARE_WORDS = ("user", "model", "system")  # follow "<start_of_turn>" directly, without a space
+# Common non-ASCII characters with a token of their own (degree, plus-minus, micro, times, divide, e-acute,
+# dashes, curly quotes, ellipsis); other characters use byte tokens.
+_EXTRA_CHARS = "\u00b0\u00b1\u00b5\u00d7\u00f7\u00e9\u2013\u2014\u2019\u201c\u201d\u2026"
+
+
+@dataclass(frozen=True)
+class _SizeSpec:
+    """Dimensions of one demo size (shared/notes/gemma3-offline.md lists the ones that must agree)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    sliding_window: int
+    sliding_window_pattern: int  # every Nth layer is global, the others local (Gemma 3: 6, i.e. 5:1)
+    max_position_embeddings: int
+    vision_hidden_size: int
+    vision_intermediate_size: int
+    vision_num_hidden_layers: int
+    vision_num_attention_heads: int
+    image_size: int
+    patch_size: int
+    mm_tokens_per_image: int
+    initializer_range: float  # see the measurements above _SIZES
+
+    def layer_types(self) -> list[str]:
+        """Explicit ``layer_types``, what transformers 5.x reads instead of ``sliding_window_pattern``."""
+        return [
+            "full_attention" if (i + 1) % self.sliding_window_pattern == 0 else "sliding_attention"
+            for i in range(self.num_hidden_layers)
+        ]
+
+    def check(self) -> None:
+        """Fail early and readably on mismatches that Gemma 3 would only hit in its first forward pass."""
+        side = round(self.mm_tokens_per_image**0.5)
+        if side * side != self.mm_tokens_per_image:
+            raise ValueError(f"mm_tokens_per_image={self.mm_tokens_per_image} must be a perfect square")
+        if self.image_size % self.patch_size or (self.image_size // self.patch_size) % side:
+            raise ValueError(
+                f"image_size / patch_size = {self.image_size} / {self.patch_size} must be a whole number "
+                f"of patches, divisible by sqrt(mm_tokens_per_image) = {side}"
+            )
+        if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("hidden_size must divide by the heads, and the heads by the KV heads")
+        if self.vision_hidden_size % self.vision_num_attention_heads:
+            raise ValueError("vision_hidden_size must divide by vision_num_attention_heads")
+
+
+# initializer_range. Gemma 3's sandwich norms (q/k norms, post-attention and post-MLP norms) make each
+# layer's contribution to the residual stream about unit RMS whatever the weight scale, so what the range
+# really sets is the RMS of the scaled token embedding, range * sqrt(hidden), against those contributions;
+# with tied embeddings the same number is the logits' standard deviation. Measured on 8 chat prompts x 16
+# greedy steps, fp32 (gap = top-1 minus top-2 logit; noise = batched-vs-single logit difference):
+#   tiny  0.02 (the default): gap median 0.027, 5th percentile 0.0023, min 2.1e-4; noise 1.5e-7
+#   tiny  0.1:                gap median 0.37, p5 0.029, min 4.2e-3; noise 7e-7; 8/8 distinct outputs
+#   tiny  0.2:                gap median 0.94, p5 0.068, min 4.3e-3; 7/8 distinct, fewer distinct tokens
+#   tiny  0.5, small 0.05:    gaps of 2.7 to 6 (min 1.3 to 4.9), but the embedding swamps the residual
+#                             stream and the model repeats one token whatever the prompt (1 distinct
+#                             output of 8): useless for tests that check each request gets its own answer
+#   small 0.02 (the default): gap median 0.40, p5 0.078, min 0.025; noise 1.2e-6; 7/8 distinct outputs
+# Hence range * sqrt(hidden) of about 0.4 to 0.6: tiny 0.1, small 0.02. Logits stay finite (|logit| < 3).
+_SIZES: dict[Size, _SizeSpec] = {
+    # The notes' known-working set; builds in well under a second, 0.4 MB on disk.
+    "tiny": _SizeSpec(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=64,  # short, so that test prompts plus generation cross it
+        sliding_window_pattern=2,  # [sliding, full]
+        max_position_embeddings=32_768,
+        vision_hidden_size=32,
+        vision_intermediate_size=64,
+        vision_num_hidden_layers=1,
+        vision_num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        mm_tokens_per_image=4,
+        initializer_range=0.1,
+    ),
+    # ~31M parameters (vlm; 23M text): big enough that a CPU benchmark measures tensor work.
+    "small": _SizeSpec(
+        hidden_size=384,
+        intermediate_size=3072,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        sliding_window=512,
+        sliding_window_pattern=6,  # 5 local : 1 global, as in Gemma 3
+        max_position_embeddings=32_768,
+        vision_hidden_size=384,
+        vision_intermediate_size=1536,
+        vision_num_hidden_layers=4,
+        vision_num_attention_heads=6,
+        image_size=224,
+        patch_size=14,
+        mm_tokens_per_image=64,
+        initializer_range=0.02,
+    ),
+}
+
+# The Gemma 3 chat template, to the rules in shared/notes/gemma3-offline.md, and equal to Google's on every
+# conversation Google's accepts: <bos>; each turn <start_of_turn>{role}\n...<end_of_turn>\n; "assistant" is
+# written "model"; a system message is not a turn, its text plus a blank line opens the first user turn;
+# image parts ("image" or "image_url") become <start_of_image>, which the processor expands; text parts are
+# trimmed; roles must alternate user/model. Stricter than Google's in two ways: a system message anywhere
+# but first, and an unknown part type, raise instead of being written as a turn or dropped silently.
+CHAT_TEMPLATE = (
+    "{%- macro render(content) -%}"
+    "{%- if content is string -%}{{ content | trim }}"
+    "{%- elif content is iterable and content is not mapping -%}"
+    "{%- for part in content -%}"
+    "{%- if part['type'] in ['image', 'image_url'] -%}{{ '<start_of_image>' }}"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] | trim }}"
+    "{%- else -%}{{ raise_exception('Unsupported content part type: ' + part['type'] | string) }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- elif content is none -%}"
+    "{%- else -%}{{ raise_exception('Message content must be a string or a list of parts') }}"
+    "{%- endif -%}"
+    "{%- endmacro -%}"
+    "{{ '<bos>' }}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = render(messages[0]['content']) + '\n\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set first_user_prefix = '' -%}"
+    "{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- set expected = 'user' if loop.index0 % 2 == 0 else 'model' -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{%- if role != expected -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/... "
+    "after an optional system message') }}"
+    "{%- endif -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ render(message['content']) }}"
+    "{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
+_README = """\
+# {name}: random-weight MedGemma demo checkpoint
+
+**This is not a medical model.** Its weights are random (seed {seed}); it produces meaningless text.
+It exists so that the MedGemma service, its tests and its benchmarks can run offline with the real
+Gemma 3 architecture (`{architecture}`) and the same file layout as `{like}`.
+
+Built by `medgemma.demo` (kind `{kind}`, size `{size}`): {params:,} parameters, a tokenizer of {vocab}
+tokens. `config.json` carries `"{key}": {{"size": "{size}", "kind": "{kind}", "seed": {seed}}}`.
+"""
+
+# torch's RNG is process-global: builds in two threads would interleave their draws and break "same seed,
+# same weights", so seeded initialisation runs under this lock.
+_BUILD_LOCK = threading.Lock()
+
+
+def checkpoint_name(kind: Kind, size: Size) -> str:
+    """Directory name of a demo checkpoint, after the real ids (medgemma-4b-it, medgemma-27b-text-it)."""
+    _check_kind_size(kind, size)
+    return f"medgemma-demo-{size}-it" if kind == "vlm" else f"medgemma-demo-{size}-text-it"
+
+
+def is_demo_checkpoint(config: Any) -> bool:
+    """True when a loaded transformers config (or a config.json dict, or a model) is a demo checkpoint's.
+
+    The VLM carries the key both at the top level and in its ``text_config``, so code that only holds
+    ``config.get_text_config()`` recognises a demo too; a composite config is checked at both levels.
+    """
+    if config is None:
+        return False
+    if not isinstance(config, Mapping) and not hasattr(config, "to_dict") and hasattr(config, "config"):
+        config = config.config  # a model: look at its config
+    candidates = [config, _field(config, "text_config")]
+    return any(isinstance(_field(c, DEMO_CONFIG_KEY), Mapping) for c in candidates if c is not None)
+
+
+def _field(obj: Any, name: str) -> Any:
+    """``obj[name]`` for a dict (config.json), ``obj.name`` for a config object; None when absent."""
+    return obj.get(name) if isinstance(obj, Mapping) else getattr(obj, name, None)
+
+
+def default_root() -> Path:
+    """Where :func:`ensure_checkpoint` builds by default: $MEDGEMMA_DEMO_DIR, else ~/.cache/medgemma/demo."""
+    env = os.environ.get(DEMO_DIR_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "medgemma" / "demo"
+
+
+def ensure_checkpoint(kind: Kind = "vlm", size: Size = "tiny", root: str | Path | None = None) -> Path:
+    """Return ``root/checkpoint_name(kind, size)``, building it (seed 0) first if it is not there yet.
+
+    The build goes to a temporary sibling directory that is then renamed into place, so an interrupted or
+    concurrent build never leaves a half-written checkpoint under the final name. Concurrent callers
+    (threads or processes) take turns on a lock file; the later ones find the finished directory and use it.
+    """
+    _check_kind_size(kind, size)
+    root_path = Path(root).expanduser() if root is not None else default_root()
+    target = root_path / checkpoint_name(kind, size)
+    if _is_valid_checkpoint(target, kind, size):
+        return target
+    root_path.mkdir(parents=True, exist_ok=True)
+    with _file_lock(root_path / f".{target.name}.lock") as exclusive:
+        if _is_valid_checkpoint(target, kind, size):  # built while we waited for the lock
+            return target
+        if exclusive:
+            # Nobody else can be building this name now: temporary directories are from killed builds.
+            for leftover in root_path.glob(f".{target.name}.tmp-*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root_path))
+        try:
+            build_checkpoint(tmp, kind=kind, size=size, seed=0)
+            # mkdtemp made it 0700; give it the mode of the files in it, plus x where there is r
+            file_mode = (tmp / "config.json").stat().st_mode & 0o777
+            tmp.chmod(file_mode | ((file_mode & 0o444) >> 2))
+            if target.exists() or target.is_symlink():
+                # Never one of ours (we never leave partial ones): a stray directory or an older layout.
+                logger.warning("Replacing %s: not a complete %s/%s demo checkpoint", target, kind, size)
+                stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=root_path))
+                os.replace(target, stale / "old")
+                shutil.rmtree(stale, ignore_errors=True)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    logger.info("Demo checkpoint ready: %s", target)
+    return target
+
+
+def build_checkpoint(path: str | Path, *, kind: Kind = "vlm", size: Size = "tiny", seed: int = 0) -> Path:
+    """Write a random-weight demo checkpoint into ``path`` (created if needed) and return the path.
+
+    Deterministic: the same ``kind``, ``size`` and ``seed`` give bit-identical weights, and the global torch
+    RNG is left as it was. Writes straight into ``path``; :func:`ensure_checkpoint` builds atomically.
+    """
+    _check_kind_size(kind, size)
+    import torch
+    from transformers import GenerationConfig
+
+    spec = _SIZES[size]
+    spec.check()
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    started_ns = time.time_ns()
+
+    tokenizer = build_tokenizer()
+    config = _model_config(kind, spec, tokenizer, {"size": size, "kind": kind, "seed": seed})
+    with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = _instantiate(kind, config)
+        _post_init_weights(model, tokenizer)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=config.get_text_config().eos_token_id,  # [<eos>, <end_of_turn>]
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+    )
+    model.save_pretrained(out)  # safetensors
+    if kind == "vlm":
+        _build_processor(tokenizer, spec).save_pretrained(out)  # also saves the tokenizer and the template
+    else:
+        tokenizer.save_pretrained(out)
+
+    params = sum(p.numel() for p in model.parameters())
+    readme = out / "README.md"
+    readme.write_text(
+        _README.format(
+            name=checkpoint_name(kind, size),
+            seed=seed,
+            architecture=type(model).__name__,
+            like="google/medgemma-4b-it" if kind == "vlm" else "google/medgemma-27b-text-it",
+            kind=kind,
+            size=size,
+            params=params,
+            vocab=len(tokenizer),
+            key=DEMO_CONFIG_KEY,
+        ),
+        encoding="utf-8",
+    )
+    _normalise_permissions(out, reference=readme, since_ns=started_ns)
+    logger.info(
+        "Built %s/%s demo checkpoint in %s (%d parameters, %.1fs)",
+        kind,
+        size,
+        out,
+        params,
+        time.perf_counter() - started,
+    )
+    return out
+
+
+def build_tokenizer() -> GemmaTokenizer:
+    """A ``GemmaTokenizer`` (tokenizers-backed BPE with byte fallback) over a small in-memory vocabulary.
+
+    Any text survives encode then decode (characters without a token become ``<0xNN>`` byte tokens), except
+    a literal "▁", which Gemma's normalizer and decoder use for the space, exactly as in the real tokenizer.
+    """
+    from tokenizers import AddedToken
+    from transformers import GemmaTokenizer
+
+    vocab, merges, specials, unused = _build_vocab_and_merges()
+    tokenizer = GemmaTokenizer(
+        vocab=dict(vocab),
+        merges=list(merges),
+        unk_token=UNK,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        mask_token=MASK,
+        # Named multimodal tokens: Gemma3Processor reads tokenizer.boi_token, eoi_token and image_token.
+        boi_token=BOI,
+        eoi_token=EOI,
+        image_token=IMAGE_SOFT,
+        extra_special_tokens=[START_OF_TURN, END_OF_TURN],
+        add_bos_token=True,
+        add_eos_token=False,
+        padding_side="left",  # decoder-only generation pads on the left
+        model_max_length=_SIZES["small"].max_position_embeddings,
+        chat_template=CHAT_TEMPLATE,
+    )
+    # These ids are in the vocabulary already; registering them as added tokens keeps them whole in any text
+    # (never split by BPE), and lets skip_special_tokens drop the special ones.
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in specials], special_tokens=True)
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in unused])
+    return tokenizer
+
+
+@functools.lru_cache(maxsize=1)
+def _build_vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str], ...], list[str], list[str]]:
+    """Vocabulary (Gemma-like ids, see above), BPE merges, and the special and unused token lists.
+
+    The sub-word part is a small BPE trained here, deterministically, on the word list (each word as
+    SentencePiece-style "▁word", earlier words counted as more frequent), so text splits into plausible
+    pieces ("▁the", "ation", ...) as with a real tokenizer. Cached: pure, and a fraction of a second.
+    """
+    specials_head = [PAD, EOS, BOS, UNK, MASK]
+    unused = [f"<unused{i}>" for i in range(_N_UNUSED)]
+    tokens: list[str] = [*specials_head, "[multimodal]", *unused, START_OF_TURN, END_OF_TURN, "\n", "\n\n"]
+    tokens += [BOI, EOI, IMAGE_SOFT]
+    tokens += [f"<0x{b:02X}>" for b in range(256)]  # byte fallback: every UTF-8 byte has a token
+    chars = [SPACE, "\t", *string.ascii_letters, *string.digits, *string.punctuation, *_EXTRA_CHARS]
+    tokens += [c for c in chars if c not in tokens]
+    merges: list[tuple[str, str]] = [("\n", "\n")]
+    corpus = {SPACE + word: len(_WORDS) - rank for rank, word in enumerate(_WORDS)}
+    corpus |= {word: 2 * len(_WORDS) for word in _BARE_WORDS}
+    for pair in _train_bpe(corpus, _VOCAB_SIZE - len(tokens)):
+        merges.append(pair)
+        tokens.append(pair[0] + pair[1])
+    if len(set(tokens)) != len(tokens) or len(tokens) > _VOCAB_SIZE:
+        raise AssertionError("demo vocabulary construction is inconsistent")
+    # Only if the word list ran out of merges before the target size:
+    more_unused = [f"<unused{i}>" for i in range(_N_UNUSED, _N_UNUSED + _VOCAB_SIZE - len(tokens))]
+    tokens += more_unused
+    vocab = {token: i for i, token in enumerate(tokens)}
+    specials = [*specials_head, START_OF_TURN, END_OF_TURN, BOI, EOI, IMAGE_SOFT]
+    return vocab, tuple(merges), specials, ["[multimodal]", *unused, *more_unused]
+
+
+def _train_bpe(corpus: Mapping[str, int], n_merges: int) -> list[tuple[str, str]]:
+    """Plain BPE training: merge the most frequent adjacent pair (ties: the smallest pair), repeat."""
+    words = [(list(word), count) for word, count in sorted(corpus.items())]
+    merges: list[tuple[str, str]] = []
+    while len(merges) < n_merges:
+        pair_counts: Counter[tuple[str, str]] = Counter()
+        for symbols, count in words:
+            for pair in itertools.pairwise(symbols):
+                pair_counts[pair] += count
+        if not pair_counts:
+            break  # every word is a single token already
+        best = min(pair_counts, key=lambda pair: (-pair_counts[pair], pair))
+        merges.append(best)
+        for symbols, _ in words:
+            i = 0
+            while i < len(symbols) - 1:
+                if (symbols[i], symbols[i + 1]) == best:
+                    symbols[i : i + 2] = [best[0] + best[1]]
+                i += 1
+    return merges
+
+
+def _model_config(kind: Kind, spec: _SizeSpec, tokenizer: GemmaTokenizer, demo_info: dict[str, Any]) -> Any:
+    """Gemma3TextConfig (text), or Gemma3Config with a SigLIP vision config (vlm); ids from the tokenizer."""
+    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
+
+    tid = tokenizer.convert_tokens_to_ids
+    text_config = Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        head_dim=spec.head_dim,
+        query_pre_attn_scalar=spec.head_dim,  # as in the 4B model (256 = head_dim)
+        sliding_window=spec.sliding_window,
+        layer_types=spec.layer_types(),
+        # Legacy field: without it the saved config says "_sliding_window_pattern": 6, whatever layer_types.
+        sliding_window_pattern=spec.sliding_window_pattern,
+        max_position_embeddings=spec.max_position_embeddings,
+        initializer_range=spec.initializer_range,
+        pad_token_id=tid(PAD),
+        bos_token_id=tid(BOS),
+        eos_token_id=[tid(EOS), tid(END_OF_TURN)],  # without <end_of_turn>, generation never stops at a turn
+        tie_word_embeddings=True,
+        dtype="float32",
+        **{DEMO_CONFIG_KEY: dict(demo_info)},  # extra kwargs are kept, saved and reloaded as attributes
+    )
+    if kind == "text":
+        text_config.architectures = ["Gemma3ForCausalLM"]
+        return text_config
+    vision_config = SiglipVisionConfig(
+        hidden_size=spec.vision_hidden_size,
+        intermediate_size=spec.vision_intermediate_size,
+        num_hidden_layers=spec.vision_num_hidden_layers,
+        num_attention_heads=spec.vision_num_attention_heads,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        vision_use_head=False,  # Gemma 3 pools the patch embeddings itself
+        layer_norm_eps=1e-6,
+    )
+    config = Gemma3Config(
+        text_config=text_config,
+        vision_config=vision_config,
+        mm_tokens_per_image=spec.mm_tokens_per_image,
+        boi_token_index=tid(BOI),
+        eoi_token_index=tid(EOI),
+        image_token_index=tid(IMAGE_SOFT),
+        initializer_range=spec.initializer_range,
+        tie_word_embeddings=True,
+        dtype="float32",
+        **{DEMO_CONFIG_KEY: dict(demo_info)},
+    )
+    config.architectures = ["Gemma3ForConditionalGeneration"]
+    return config
+
+
+def _instantiate(kind: Kind, config: Any) -> PreTrainedModel:
+    """The real Gemma 3 model class for ``kind``, initialised by transformers from the global torch RNG."""
+    from transformers import Gemma3ForCausalLM, Gemma3ForConditionalGeneration
+
+    model_cls = Gemma3ForConditionalGeneration if kind == "vlm" else Gemma3ForCausalLM
+    model = model_cls(config)
+    model.eval()
+    return model
+
+
+def _post_init_weights(model: PreTrainedModel, tokenizer: GemmaTokenizer) -> None:
+    """Fix the two places where transformers' initialisation makes a poor demo.
+
+    * The multimodal projector starts at zeros (right for training; for a demo it means images have no
+      effect on the output at all). It gets random weights scaled to give the projected image features
+      unit RMS, the same order as the scaled text embeddings.
+    * The tied embedding rows of tokens that a model should never generate (padding, unused, image
+      placeholders) are zeroed: their logit is then exactly 0, far below the top logit, so greedy decoding
+      never emits them and sampling rarely does. An emitted <image_soft_token> would otherwise be taken for
+      an image placeholder by the next decoding step.
+    """
+    import torch
+
+    projector = getattr(getattr(model, "model", None), "multi_modal_projector", None)
+    with torch.no_grad():
+        if projector is not None:
+            weight = projector.mm_input_projection_weight
+            weight.normal_(0.0, weight.shape[0] ** -0.5)
+        never = [PAD, UNK, MASK, BOI, EOI, IMAGE_SOFT, "[multimodal]"]
+        never += [t for t in tokenizer.get_vocab() if t.startswith("<unused")]
+        rows = torch.tensor(tokenizer.convert_tokens_to_ids(never))
+        model.get_input_embeddings().weight[rows] = 0.0
+
+
+def _build_processor(tokenizer: GemmaTokenizer, spec: _SizeSpec) -> Any:
+    """Gemma3Processor: the tokenizer plus a Gemma 3 image processor sized to the vision tower."""
+    from transformers import Gemma3Processor
+
+    # Look for torchvision first: asking transformers for Gemma3ImageProcessor without it logs a fallback
+    # warning. Both classes save as "Gemma3ImageProcessor"; a reload picks whichever backend is installed.
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        from transformers import Gemma3ImageProcessorPil as image_processor_cls
+    else:
+        from transformers import Gemma3ImageProcessor as image_processor_cls
+    image_processor = image_processor_cls(
+        size={"height": spec.image_size, "width": spec.image_size},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        do_resize=True,
+        do_rescale=True,
+        do_normalize=True,
+        do_convert_rgb=True,
+        do_pan_and_scan=False,
+    )
+    return Gemma3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+        image_seq_length=spec.mm_tokens_per_image,  # must equal the config's mm_tokens_per_image
+    )
+
+
+def _is_valid_checkpoint(path: Path, kind: Kind, size: Size) -> bool:
+    """Cheap completeness check: the files a load needs exist and config.json names this kind and size."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    demo_info = config.get(DEMO_CONFIG_KEY) if isinstance(config, dict) else None
+    if not isinstance(demo_info, dict) or demo_info.get("kind") != kind or demo_info.get("size") != size:
+        return False
+    needed = ["model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"]
+    needed += ["README.md", "processor_config.json"] if kind == "vlm" else ["README.md"]
+    return all((path / name).is_file() for name in needed)
+
+
+def _normalise_permissions(directory: Path, *, reference: Path, since_ns: int) -> None:
+    """Give the files written since ``since_ns`` the mode a plain ``open()`` gets (``reference``'s mode).
+
+    transformers writes model.safetensors through a private temporary file (mode 0600); a shared cache
+    built by one user or container must stay readable by the others. Older files are left alone, so that
+    ``--out`` pointing at a directory with other content changes nothing else in it.
+    """
+    file_mode = reference.stat().st_mode & 0o777
+    for item in directory.iterdir():
+        stat = item.lstat()
+        if item.is_file() and not item.is_symlink() and stat.st_mtime_ns >= since_ns - 2_000_000_000:
+            item.chmod(file_mode)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[bool]:
+    """Exclusive advisory lock between processes and threads (each call opens its own file description).
+
+    Yields whether the lock is really held: without ``fcntl`` (not POSIX) it is not, and concurrent builds
+    then race to the atomic rename instead.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield False
+        return
+    with open(path, "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _check_kind_size(kind: str, size: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {SIZES}, not {size!r}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: build (or find) a demo checkpoint and print its path, alone, on stdout."""
+    parser = argparse.ArgumentParser(
+        prog="python -m medgemma.demo",
+        description="Build a random-weight MedGemma demo checkpoint (real Gemma 3 classes, offline).",
+    )
+    parser.add_argument("--kind", choices=KINDS, default="vlm", help="vlm: image+text (4B-like); text: text only")
+    parser.add_argument("--size", choices=SIZES, default="tiny", help="tiny: tests; small: ~31M params, benchmarks")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"build exactly here (overwriting files); default: the shared cache (${DEMO_DIR_ENV} or "
+        "~/.cache/medgemma/demo), built once and reused",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="weight seed (only with --out)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    if args.out is not None:
+        path = build_checkpoint(args.out, kind=args.kind, size=args.size, seed=args.seed)
+    else:
+        if args.seed != 0:
+            parser.error("--seed needs --out: the shared cache holds seed 0 only")
+        path = ensure_checkpoint(args.kind, args.size)
+    sys.stdout.write(f"{path.resolve()}\n")
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
