@@ -10,6 +10,9 @@ Why each one (all verified against bentoml 1.4.40's ``_bentoml_impl/serde.py`` a
    as a URL; for a JSON body that is a bare URL string, it downloads that. A medical service must not make
    outbound requests on a caller's behalf, so form values become data-URI uploads or a 400.
 3. A data URI sent as a form value (``curl -F image=data:image/png;base64,...``) is accepted, like in JSON.
+4. **Traffic answers in this service's error shape.** BentoML's timeout (504) and max-concurrency (429) middlewares
+   sit outside any middleware a service can add, and answer ``{"error": ...}`` — the 429 without ``Retry-After``.
+   Their responses are built here instead: ``{"status": "error", "error": ...}``, with ``Retry-After`` on the 429.
 """
 
 from __future__ import annotations
@@ -62,6 +65,19 @@ def apply() -> None:
             io.BytesIO(data), size=len(data), filename="upload", headers=Headers({"content-type": media_type})
         )
 
+    import bentoml._internal.server.http.traffic as traffic
+    from starlette.responses import JSONResponse
+
+    def traffic_response(content: Any, status_code: int = 200, **kwargs: Any) -> JSONResponse:
+        message = content.get("error") if isinstance(content, dict) else None
+        headers = dict(kwargs.pop("headers", None) or {})
+        if status_code == 429:
+            headers.setdefault("Retry-After", "1")
+            message = "too many concurrent requests for this replica; retry shortly"
+        body = {"status": "error", "error": message or "request failed"}
+        return JSONResponse(body, status_code=status_code, headers=headers, **kwargs)
+
+    traffic.JSONResponse = traffic_response  # type: ignore[assignment,misc]
     validators.PILImageEncoder.decode = decode  # type: ignore[method-assign]
     serde.MultipartSerde.ensure_file = staticmethod(ensure_file)  # type: ignore[method-assign,assignment]
     serde.is_http_url = lambda _url: False  # never download a JSON body that is a URL

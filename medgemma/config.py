@@ -63,6 +63,9 @@ class Settings:
     )
     loading_retry_after_s: int = setting(10, "`Retry-After` seconds suggested in 202 answers while loading.")
     idle_unload_s: float = setting(0.0, "Unload the model after this many idle seconds; 0 never unloads.")
+    shutdown_grace_s: float = setting(
+        20.0, "On SIGTERM: refuse new work (503) and let running requests finish for up to this long."
+    )
 
     # --- generation ----------------------------------------------------------------------------------------------
     default_max_new_tokens: int = setting(200, "`max_new_tokens` when a request does not set it (seed default).")

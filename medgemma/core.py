@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 from medgemma import discovery, inputs, openai_api
 from medgemma.config import Settings
 from medgemma.engine import Engine, RequestHandle
-from medgemma.errors import ServiceError, error_body
+from medgemma.errors import EngineUnavailable, ServiceError, error_body
 from medgemma.lifecycle import ModelManager, ModelState
 from medgemma.protocol import GenerationRequest, GenerationResult
 from medgemma.schemas import GenerateRequest, parse_model
@@ -69,6 +70,39 @@ class MedGemmaCore:
     def shutdown(self, grace_s: float = 0.0) -> None:
         self.manager.shutdown(grace_s)
 
+    # -- graceful drain (SIGTERM)
+    draining = False
+
+    def drain(self, then: Callable[[], None]) -> None:
+        """Stop intake (model routes answer 503 + Retry-After), let in-flight requests finish for up to
+        ``shutdown_grace_s``, cancel what is left, then call ``then`` (the server's own shutdown)."""
+        if self.draining:
+            then()
+            return
+        self.draining = True
+        log.info(
+            "draining: refusing new requests, waiting up to %.0f s for running ones", self.settings.shutdown_grace_s
+        )
+
+        def wait() -> None:
+            time.sleep(0.2)  # requests already past the gate are being prepared: let them reach the engine
+            deadline = time.monotonic() + self.settings.shutdown_grace_s
+            while time.monotonic() < deadline and self.busy():
+                time.sleep(0.05)
+            left = self.busy()
+            self.manager.shutdown(grace_s=0.0)
+            log.info("drained; %d requests still running were cancelled", left)
+            then()
+
+        threading.Thread(target=wait, name="medgemma-drain", daemon=True).start()
+
+    def busy(self) -> int:
+        engine = self.manager.engine
+        if engine is None:
+            return 0
+        st = engine.stats()
+        return st.waiting + st.running
+
     @property
     def model_name(self) -> str:
         return discovery.public_model_name(self.manager.loaded, self.settings)
@@ -76,6 +110,8 @@ class MedGemmaCore:
     # -- generation (shared by every API)
     async def submit(self, build: Callable[[Engine], GenerationRequest]) -> tuple[GenerationRequest, RequestHandle]:
         """Gate on the model's state, build the internal request off the event loop, and queue it."""
+        if self.draining:
+            raise EngineUnavailable("the server is shutting down; retry on another replica", retry_after=5)
         engine = self.manager.require()
         # Image decoding and the processor are CPU work: keep them off the event loop.
         req = await asyncio.to_thread(build, engine)
@@ -234,7 +270,7 @@ class MedGemmaCore:
     def health(self) -> dict[str, Any]:
         m = self.manager
         body: dict[str, Any] = {
-            "status": "healthy",
+            "status": "draining" if self.draining else "healthy",
             "model": self.model_name,
             "model_source": self.settings.model,
             "model_state": m.state.value,

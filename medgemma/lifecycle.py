@@ -95,7 +95,7 @@ class ModelManager:
             self.progress = {**self.progress, **update}
         if "files_loaded" in update:
             log.info(
-                "loading weights: %s/%s files, %.0f/%.0f MB",
+                "loading weights: %s/%s files, %.1f/%.1f MB",
                 update["files_loaded"],
                 update["files_total"],
                 update.get("bytes_loaded", 0) / 1e6,

@@ -7,10 +7,11 @@ Image+text checkpoints (`model_type: gemma3`, e.g. medgemma-4b-it, medgemma-27b-
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -114,7 +115,8 @@ def load_model(settings: Settings, progress: ProgressFn | None = None) -> Loaded
     token = settings.hf_token or None
     common: dict[str, Any] = {"trust_remote_code": settings.trust_remote_code, "token": token}
 
-    config = AutoConfig.from_pretrained(source, **common)
+    with _step("read the model config", source):
+        config = AutoConfig.from_pretrained(source, **common)
     model_type = getattr(config, "model_type", "")
     vision = hasattr(config, "vision_config") and getattr(config, "vision_config", None) is not None
     if model_type == "gemma3_text" or not vision:
@@ -141,15 +143,16 @@ def load_model(settings: Settings, progress: ProgressFn | None = None) -> Loaded
     total_bytes = sum(f.stat().st_size for f in files)
     report({"phase": "loading weights", "files_total": len(files), "bytes_total": total_bytes})
     log.info("loading %s (%s, dtype=%s, device=%s)", source, model_cls.__name__, dtype, "cuda" if cuda else "cpu")
-    with _track_shards(files, report):
+    with _step(f"load the weights ({model_cls.__name__})", source), _track_shards(files, report):
         model = model_cls.from_pretrained(source, **kwargs)
     model.eval()
     report({"phase": "loading processor"})
-    if kind == "vlm":
-        processor = AutoProcessor.from_pretrained(source, **common)
-        tokenizer = processor.tokenizer
-    else:
-        processor = tokenizer = AutoTokenizer.from_pretrained(source, **common)
+    with _step("load the processor/tokenizer", source):
+        if kind == "vlm":
+            processor = AutoProcessor.from_pretrained(source, **common)
+            tokenizer = processor.tokenizer
+        else:
+            processor = tokenizer = AutoTokenizer.from_pretrained(source, **common)
     try:
         generation_config = GenerationConfig.from_pretrained(source, **common)
     except OSError:
@@ -173,6 +176,18 @@ def load_model(settings: Settings, progress: ProgressFn | None = None) -> Loaded
         is_demo=is_demo or is_demo_checkpoint(config),
         load_seconds=seconds,
     )
+
+
+class LoadError(RuntimeError):
+    """A load step failed; the message names the step and the source, then the original error."""
+
+
+@contextlib.contextmanager
+def _step(what: str, source: str) -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:
+        raise LoadError(f"could not {what} from {source}: {type(exc).__name__}: {exc}") from exc
 
 
 class _track_shards:

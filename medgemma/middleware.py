@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from medgemma.errors import PayloadTooLarge, ServiceError, Unauthorized, error_body
+from medgemma.errors import BadRequest, PayloadTooLarge, ServiceError, Unauthorized, error_body
 
 log = logging.getLogger("medgemma.access")
 
@@ -53,6 +53,7 @@ class EdgeMiddleware:
         open_paths: tuple[str, ...] = OPEN_PATHS,
         openai_path: Callable[[str], bool] = is_openai_path,
         on_response: Callable[[str, int], None] | None = None,
+        json_paths: frozenset[str] = frozenset(),
     ) -> None:
         self.app = app
         self.api_token = api_token.encode()
@@ -60,6 +61,7 @@ class EdgeMiddleware:
         self.open_paths = open_paths
         self.openai_path = openai_path
         self.on_response = on_response
+        self.json_paths = json_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -89,7 +91,17 @@ class EdgeMiddleware:
             if problem is not None:
                 await _send_error(send_logged, problem, openai=openai)
                 return
-            await self.app(scope, self._limited(receive, scope), _Rewriter(send_logged, openai=openai, scope=scope))
+            receive = self._limited(receive, scope)
+            if scope.get("method") == "POST" and path in self.json_paths and _is_json(headers):
+                # Check JSON bodies here, before BentoML parses them: its parse errors are logged with the body
+                # (prompt text) and answered in its own shapes.
+                body, problem = await _read_json_object(receive, scope)
+                if problem is not None:
+                    await _send_error(send_logged, problem, openai=openai)
+                    return
+                scope["state"]["json_body"] = body  # the exact JSON, for strict validation behind BentoML's
+                receive = _replay(body, receive)
+            await self.app(scope, receive, _Rewriter(send_logged, openai=openai, scope=scope))
         finally:
             if self.on_response is not None and status_holder["status"]:
                 try:
@@ -141,6 +153,48 @@ class EdgeMiddleware:
             return message
 
         return wrapped
+
+
+def _is_json(headers: dict[bytes, bytes]) -> bool:
+    media_type = headers.get(b"content-type", b"application/json").split(b";")[0].strip().lower()
+    return media_type in (b"application/json", b"")
+
+
+async def _read_json_object(receive: Receive, scope: Scope) -> tuple[bytes, ServiceError | None]:
+    chunks = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            too_large = scope["state"].get("body_too_large")
+            if too_large:
+                return b"", _too_large(too_large, 0)
+            break
+        chunks.extend(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    body = bytes(chunks)
+    if not body.strip():
+        return body, None
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body, BadRequest("request body is not valid JSON")
+    if not isinstance(data, dict):
+        return body, BadRequest("request body must be a JSON object")
+    return body, None
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 def route_label(path: str) -> str:
@@ -233,6 +287,8 @@ def _pydantic_detail(d: dict[str, Any]) -> tuple[str, str | None]:
     loc = [str(p) for p in d.get("loc", ()) if str(p) not in ("body", "query", "path")]
     path = ".".join(loc) or None
     msg = str(d.get("msg", "invalid value"))
+    if d.get("type") == "extra_forbidden":
+        msg = "unknown field (not part of this API)"  # same words as the seed schema's own check
     return (f"{path}: {msg}" if path else msg), path
 
 
@@ -251,3 +307,30 @@ async def _send_error(
     ]
     await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+class RedactRequestData(logging.Filter):
+    """Drop request data from other libraries' error logs.
+
+    BentoML logs request-parsing failures with their traceback, and pydantic's ValidationError text quotes the input
+    (``input_value='<prompt text>'``). Such records keep their message and the error's type and field locations, but
+    lose the traceback and the values: prompts are patient data.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            chain = []
+            while exc is not None and len(chain) < 10:
+                chain.append(exc)
+                exc = exc.__cause__ or exc.__context__
+            validation = next(
+                (e for e in chain if type(e).__name__ == "ValidationError" and hasattr(e, "errors")), None
+            )
+            if validation is not None:
+                locs = [".".join(str(p) for p in err.get("loc", ())) for err in validation.errors()][:5]
+                record.msg = f"{record.getMessage()} (request validation failed at: {', '.join(locs)}; values redacted)"
+                record.args = None
+                record.exc_info = None
+                record.exc_text = None
+        return True

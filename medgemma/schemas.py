@@ -15,7 +15,8 @@ from medgemma.errors import BadRequest
 
 
 class APIModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, str_strip_whitespace=False)
+    # strict: JSON types are not coerced ("200" is not an int, 1 is not a bool) — a client bug gets a 400, not a guess.
+    model_config = ConfigDict(extra="forbid", strict=True, arbitrary_types_allowed=True)
 
 
 # An image in a request: a data URI string in JSON; bytes or a PIL image when it arrived as an uploaded file.
@@ -116,6 +117,7 @@ class GenerateRequest(GenerationParameters):
 
 
 _TYPE_NAMES = {"str", "int", "float", "bool", "bytes", "dict", "list"}
+_PART_TAGS = {"text", "image", "image_url"}  # discriminator tags pydantic puts after a content part's index
 
 
 def validation_message(exc: ValidationError) -> tuple[str, str | None]:
@@ -123,12 +125,15 @@ def validation_message(exc: ValidationError) -> tuple[str, str | None]:
     # In unions pydantic reports every member's failure; the deepest one is the one that explains the mistake.
     err = max(exc.errors(include_url=False), key=lambda e: len(e.get("loc", ())))
     loc: list[str] = []
-    for p in err.get("loc", ()):
+    raw = list(err.get("loc", ()))
+    for i, p in enumerate(raw):
         # pydantic puts union members (`str`, `list[...]`) and discriminator tags (`text` before the field `text`)
         # into locations; they mean nothing to a client.
-        if "[" in str(p) or str(p) in _TYPE_NAMES or (loc and loc[-1] == str(p)):
+        part = str(p)
+        is_tag = part in _PART_TAGS and i > 0 and isinstance(raw[i - 1], int) and loc[-2:-1] == ["content"]
+        if "[" in part or part in _TYPE_NAMES or is_tag:
             continue
-        loc.append(str(p))
+        loc.append(part)
     path = ""
     for part in loc:
         path += f"[{part}]" if part.isdigit() else (f".{part}" if path else part)

@@ -93,3 +93,43 @@ def test_idle_unload_frees_the_model(tiny_text):
     wait_state(m, ModelState.READY)
     assert m.loads == 2
     m.shutdown()
+
+
+def _broken_copy(src, dst, how: str):
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    if how == "corrupt-safetensors":
+        for f in dst.glob("*.safetensors"):
+            f.write_bytes(b"\x00garbage, not a safetensors header" * 10)
+    elif how == "unknown-architecture":
+        cfg = json.loads((dst / "config.json").read_text())
+        cfg["model_type"] = "definitely_not_a_model"
+        (dst / "config.json").write_text(json.dumps(cfg))
+    elif how == "missing-weights":
+        for f in dst.glob("*.safetensors"):
+            f.unlink()
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("how", "expected"),
+    [
+        ("corrupt-safetensors", "could not load the weights"),
+        ("unknown-architecture", "could not read the model config"),
+        ("missing-weights", "could not load the weights"),
+    ],
+)
+def test_broken_checkpoints_fail_with_a_stored_error(tiny_vlm, tmp_path, how, expected):
+    broken = _broken_copy(tiny_vlm, tmp_path / "ckpt", how)
+    m = ModelManager(Settings(model=str(broken), load_retry_backoff_s=60))
+    m.start_loading()
+    wait_state(m, ModelState.FAILED, ModelState.READY)
+    assert m.state is ModelState.FAILED
+    with pytest.raises(ModelFailed) as info:
+        m.require()
+    error = info.value.body()["loading_error"]
+    assert expected in error
+    assert str(broken) in error
+    assert int(info.value.headers["Retry-After"]) > 50
