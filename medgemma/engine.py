@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from medgemma.errors import BadRequest, EngineUnavailable, InternalError, Overloaded, ServiceError
+from medgemma.demo import CHAT_TEMPLATE as GEMMA3_CHAT_TEMPLATE
 from medgemma.loader import LoadedModel
 from medgemma.protocol import (
     FinishReason,
@@ -270,6 +271,9 @@ class Engine:
         self.eos_ids = set(_eos_ids(loaded))
         self.context_length = _context_length(loaded.config)
         self.pad_id = _pad_id(loaded)
+        # A checkpoint without a chat template (some conversions drop it) gets Gemma 3's turn format.
+        has_template = getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
+        self.chat_template: str | None = None if has_template else GEMMA3_CHAT_TEMPLATE
         self._waiting: deque[RequestHandle] = deque()
         self._cv = threading.Condition()
         self._batch = _Batch()
@@ -318,7 +322,9 @@ class Engine:
         images = [p.image for p in req.images]
         chat = _to_chat(req.messages, vision=self.loaded.vision)
         try:
-            prompt = self.processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            prompt = self.processor.apply_chat_template(
+                chat, tokenize=False, add_generation_prompt=True, chat_template=self.chat_template
+            )
         except Exception as exc:  # the template raises for conversations it cannot render
             raise BadRequest(f"the model's chat template rejected the conversation: {_public(exc)}") from None
         if images:
