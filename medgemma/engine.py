@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
-from medgemma.errors import BadRequest, EngineUnavailable, InternalError, Overloaded, ServiceError
 from medgemma.demo import CHAT_TEMPLATE as GEMMA3_CHAT_TEMPLATE
+from medgemma.errors import BadRequest, EngineUnavailable, InternalError, Overloaded, ServiceError
 from medgemma.loader import LoadedModel
 from medgemma.protocol import (
     FinishReason,
