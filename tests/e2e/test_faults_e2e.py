@@ -199,3 +199,26 @@ def test_no_patient_data_in_logs_or_responses(tiny_vlm, tmp_path):
     # responses carry no DICOM tag either (text the user typed may come back only as generated text)
     assert MARKER not in bodies[4]
     assert "Jane" not in bodies[4]
+
+
+def test_full_queue_answers_429_with_retry_after_and_every_accepted_request_completes(tiny_vlm, tmp_path):
+    app = tiny_vlm.name
+    env = {"MEDGEMMA_MODEL": str(tiny_vlm), "MEDGEMMA_MAX_BATCH_SIZE": "1", "MEDGEMMA_MAX_QUEUE": "1"}
+    with bentoml_serve(env, tmp_path) as srv:
+        wait_for_model(srv.url, app)
+
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=120) as client:
+                body = {"text": "busy", "max_new_tokens": 60}
+                return await asyncio.gather(*(client.post(f"{srv.url}/{app}/v1/generate", json=body) for _ in range(8)))
+
+        responses = asyncio.run(burst())
+    statuses = sorted(r.status_code for r in responses)
+    assert set(statuses) <= {200, 429}
+    assert statuses.count(429) >= 1 and statuses.count(200) >= 2
+    for r in responses:
+        if r.status_code == 429:
+            assert int(r.headers["retry-after"]) >= 1
+            assert r.json()["status"] == "error" and "queue is full" in r.json()["error"]
+        else:
+            assert r.json()["compute_metrics"]["output_tokens"] == 60
