@@ -17,7 +17,6 @@ load, and a replica that is loading must still answer 202 and ``/health``.
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Optional
 
 import bentoml
@@ -32,7 +31,6 @@ from medgemma.playground import playground_app
 from medgemma.routes import error_response, json_response, openai_app, seed_app
 
 bentoml_compat.apply()
-log = logging.getLogger("medgemma.service")
 
 SETTINGS = Settings.from_env()
 APP = SETTINGS.route_prefix
