@@ -10,13 +10,16 @@ Why each one (all verified against bentoml 1.4.40's ``_bentoml_impl/serde.py`` a
    as a URL; for a JSON body that is a bare URL string, it downloads that. A medical service must not make
    outbound requests on a caller's behalf, so form values become data-URI uploads or a 400.
 3. A data URI sent as a form value (``curl -F image=data:image/png;base64,...``) is accepted, like in JSON.
-4. **Traffic answers in this service's error shape.** BentoML's timeout (504) and max-concurrency (429) middlewares
+4. **Broken forms are a 400.** BentoML's form parsing lets starlette's "missing boundary"/"invalid multipart" and a
+   binary file in a text field (a UnicodeDecodeError) escape as 500s; they become ``BadInput`` (400).
+5. **Traffic answers in this service's error shape.** BentoML's timeout (504) and max-concurrency (429) middlewares
    sit outside any middleware a service can add, and answer ``{"error": ...}`` — the 429 without ``Retry-After``.
    Their responses are built here instead: ``{"status": "error", "error": ...}``, with ``Retry-After`` on the 429.
 """
 
 from __future__ import annotations
 
+import codecs
 import io
 from typing import Any
 
@@ -65,7 +68,7 @@ def apply() -> None:
             io.BytesIO(data), size=len(data), filename="upload", headers=Headers({"content-type": media_type})
         )
 
-    import bentoml._internal.server.http.traffic as traffic
+    from bentoml._internal.server.http import traffic
     from starlette.responses import JSONResponse
 
     def traffic_response(content: Any, status_code: int = 200, **kwargs: Any) -> JSONResponse:
@@ -78,6 +81,37 @@ def apply() -> None:
         return JSONResponse(body, status_code=status_code, headers=headers, **kwargs)
 
     traffic.JSONResponse = traffic_response  # type: ignore[assignment,misc]
+    from python_multipart.exceptions import ParseError
+    from starlette.exceptions import HTTPException
+    from starlette.formparsers import MultiPartException
+
+    orig_parse = serde.MultipartSerde.parse_request
+
+    async def parse_request(self: Any, request: Any, cls: Any) -> Any:
+        try:
+            form = await request.form()  # parsed once; starlette caches it for BentoML's own parse below
+            for name in form:
+                if name not in cls.model_fields:
+                    raise BadInput(f"{name}: unknown field (not part of this API)")
+                value = form[name]
+                if isinstance(value, UploadFile) and name not in cls.multipart_fields:
+                    head = await value.read(4096)
+                    await value.seek(0)
+                    try:
+                        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a cut char is fine
+                    except UnicodeDecodeError:
+                        raise BadInput(f"{name}: expects text or JSON, got a binary file") from None
+            return await orig_parse(self, request, cls)
+        except HTTPException as exc:  # starlette's form parser: missing boundary, invalid multipart
+            raise BadInput(f"malformed form body: {exc.detail}") from None
+        except (ParseError, MultiPartException):
+            raise BadInput("malformed form body") from None
+        except UnicodeDecodeError:
+            raise BadInput(
+                "a form field that takes text or JSON received binary data (is a file in the wrong field?)"
+            ) from None
+
+    serde.MultipartSerde.parse_request = parse_request  # type: ignore[method-assign]
     validators.PILImageEncoder.decode = decode  # type: ignore[method-assign]
     serde.MultipartSerde.ensure_file = staticmethod(ensure_file)  # type: ignore[method-assign,assignment]
     serde.is_http_url = lambda _url: False  # never download a JSON body that is a URL

@@ -336,6 +336,12 @@ class Engine:
         input_ids = enc["input_ids"][0]
         n_input = int(input_ids.shape[0])
         total = n_input + req.params.max_new_tokens
+        if self.context_length and n_input >= self.context_length:
+            raise BadRequest(
+                f"the prompt is {n_input} tokens, which does not fit the model's context of {self.context_length} "
+                "tokens; shorten the text or send fewer images",
+                param="messages",
+            )
         if self.context_length and total > self.context_length:
             raise BadRequest(
                 f"the prompt is {n_input} tokens and max_new_tokens is {req.params.max_new_tokens}: together "

@@ -148,7 +148,7 @@ class EdgeMiddleware:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    scope["state"]["body_too_large"] = seen
+                    scope["state"]["body_too_large"] = (seen, limit)
                     return {"type": "http.disconnect"}
             return message
 
@@ -167,7 +167,7 @@ async def _read_json_object(receive: Receive, scope: Scope) -> tuple[bytes, Serv
         if message["type"] == "http.disconnect":
             too_large = scope["state"].get("body_too_large")
             if too_large:
-                return b"", _too_large(too_large, 0)
+                return b"", _too_large(*too_large, at_least=True)
             break
         chunks.extend(message.get("body", b""))
         if not message.get("more_body", False):
@@ -211,8 +211,9 @@ def route_label(path: str) -> str:
     return "other"
 
 
-def _too_large(n: int, limit: int) -> PayloadTooLarge:
-    return PayloadTooLarge(f"request body of {n} bytes is above the limit of {limit} bytes")
+def _too_large(n: int, limit: int, *, at_least: bool = False) -> PayloadTooLarge:
+    size = f"at least {n}" if at_least else str(n)
+    return PayloadTooLarge(f"request body of {size} bytes is above the limit of {limit} bytes")
 
 
 class _Rewriter:
@@ -234,7 +235,7 @@ class _Rewriter:
             if too_large:
                 self.passthrough = False
                 self.start = {"type": "http.response.start", "status": 413, "headers": []}
-                self.replacement: ServiceError | None = _too_large(too_large, 0)
+                self.replacement: ServiceError | None = _too_large(*too_large, at_least=True)
                 return
             if message["status"] >= 400 and not own:
                 self.passthrough = False
@@ -334,3 +335,11 @@ class RedactRequestData(logging.Filter):
                 record.exc_info = None
                 record.exc_text = None
         return True
+
+
+def _error_code(exc: BaseException) -> int:
+    code = getattr(exc, "error_code", None)
+    try:
+        return int(code) if code is not None else 0
+    except (TypeError, ValueError):
+        return 0

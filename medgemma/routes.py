@@ -14,6 +14,7 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from medgemma.core import ClientGone, MedGemmaCore
 from medgemma.errors import BadRequest, InternalError, ServiceError, error_body
@@ -28,6 +29,9 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
 
 def error_response(exc: BaseException, *, openai: bool = False) -> JSONResponse:
     """The catch-all at the edge: a ServiceError as its body; anything else as a generic 500 (logged, not leaked)."""
+    if isinstance(exc, ClientDisconnect):
+        # The client went away (or the edge cut an oversized body): nobody reads this answer.
+        return JSONResponse({"status": "error", "error": "client disconnected"}, status_code=499)
     if not isinstance(exc, ServiceError):
         log.error("unhandled %s while serving a request", type(exc).__name__, exc_info=exc)
         _free_accelerator_memory()

@@ -16,7 +16,8 @@ from medgemma.errors import BadRequest
 
 class APIModel(BaseModel):
     # strict: JSON types are not coerced ("200" is not an int, 1 is not a bool) — a client bug gets a 400, not a guess.
-    model_config = ConfigDict(extra="forbid", strict=True, arbitrary_types_allowed=True)
+    # allow_inf_nan=False: `Infinity`/`NaN` (which Python's JSON parser accepts) are refused, not generated with.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, arbitrary_types_allowed=True)
 
 
 # An image in a request: a data URI string in JSON; bytes or a PIL image when it arrived as an uploaded file.

@@ -1,0 +1,506 @@
+#!/usr/bin/env python
+"""Soak test: many concurrent clients against a real `bentoml serve`, on loopback, for a bounded time.
+
+One command::
+
+    python bench/soak.py [--clients 64] [--duration 130] [--model tiny|small] [--max-queue 32]
+
+What it does:
+
+1. builds (or reuses) a random-weight demo checkpoint (``medgemma.demo.ensure_checkpoint``, image+text);
+2. starts ``bentoml serve service:MedGemma`` on ``127.0.0.1`` and a free port (temporary ``BENTOML_HOME``, tracking
+   off) with a small ``MEDGEMMA_MAX_QUEUE`` so that the clients overload it;
+3. runs ``--clients`` asyncio clients (one ``httpx.AsyncClient``, loopback only, no proxies from the environment)
+   for ``--duration`` seconds. Each sends its next request as soon as the previous one is answered, drawn from a mix:
+   seed text generate, seed image generate (a small PNG data URI), OpenAI chat completion, streamed seed generate,
+   and ~10 % bad requests (each of which must be a 4xx). An overload answer (429/503) must carry ``Retry-After``;
+   the client then waits that long (capped at 2 s) like a well-behaved client would;
+4. samples the RSS of the server's whole process tree (``bentoml serve`` and its workers) every few seconds;
+5. prints: requests sent, answered by status, lost (sent - answered: timeouts, connection errors, streams cut
+   short — must be 0), p50/p99 latency of successful requests, RSS at the start of the load, at minute 1 and at the
+   end, and the growth from minute 1 to the end (must stay under 10 %).
+
+Exit status 1 when anything is lost, RSS grows 10 % or more, any 5xx other than a 503 with ``Retry-After`` is seen,
+an overload answer lacks ``Retry-After``, or a bad request is not answered 4xx. Bounded: every request has a timeout,
+the run stops at ``--duration`` (at most 1 hour) or ``--max-requests``, and the server is always stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import io
+import os
+import platform
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+HOST = "127.0.0.1"  # loopback only, always
+MAX_DURATION_S = 3600.0
+RSS_GROWTH_LIMIT = 0.10
+MIX = (("text", 30), ("image", 20), ("openai", 25), ("stream", 15), ("bad", 10))
+
+
+# --- requests ---------------------------------------------------------------------------------------------------------
+
+
+def png_data_uri(size: int = 64, seed: int = 0) -> str:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+TOPICS = ("chest X-ray", "sepsis", "pneumonia", "a CT of the abdomen", "diabetes", "a fundus photograph", "anaemia")
+
+
+@dataclass(frozen=True)
+class Request:
+    kind: str
+    path: str  # relative to the server URL
+    json_body: Any = None
+    content: bytes | None = None
+    stream: bool = False
+    expect_4xx: bool = False
+
+
+def bad_requests(app: str) -> list[Request]:
+    seed = f"/{app}/v1/generate"
+    chat = "/v1/chat/completions"
+    return [
+        Request("bad", seed, {"text": "q", "image": "data:image/png;base64,@@@"}, expect_4xx=True),
+        Request("bad", seed, {"text": "q", "max_new_tokens": 0}, expect_4xx=True),
+        Request("bad", seed, {"messages": [{"role": "doctor", "content": "q"}]}, expect_4xx=True),
+        Request(
+            "bad",
+            seed,
+            {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+            expect_4xx=True,
+        ),
+        Request("bad", seed, content=b"this is not json", expect_4xx=True),
+        Request("bad", seed, {"text": "q", "do_sample": False, "temperature": 0.7}, expect_4xx=True),
+        Request("bad", chat, {"model": app, "messages": [{"role": "user", "content": "q"}], "n": 2}, expect_4xx=True),
+        Request("bad", chat, {"model": "gpt-4o", "messages": [{"role": "user", "content": "q"}]}, expect_4xx=True),
+        Request("bad", chat, content=b"[1, 2, 3]", expect_4xx=True),
+    ]
+
+
+class Workload:
+    def __init__(self, app: str, seed: int) -> None:
+        self.app = app
+        self.rng = random.Random(seed)
+        self.images = [png_data_uri(64, s) for s in range(4)]
+        self.bad = bad_requests(app)
+        self.kinds = [k for k, _ in MIX]
+        self.weights = [w for _, w in MIX]
+
+    def next(self) -> Request:
+        kind = self.rng.choices(self.kinds, self.weights)[0]
+        topic = self.rng.choice(TOPICS)
+        tokens = self.rng.randint(1, 16)
+        seed_path = f"/{self.app}/v1/generate"
+        if kind == "text":
+            return Request(kind, seed_path, {"text": f"What causes {topic}?", "max_new_tokens": tokens})
+        if kind == "image":
+            body = {"text": "Describe this image.", "image": self.rng.choice(self.images), "max_new_tokens": tokens}
+            return Request(kind, seed_path, body)
+        if kind == "openai":
+            body = {
+                "model": self.app,
+                "messages": [{"role": "user", "content": f"Explain {topic}."}],
+                "max_tokens": tokens,
+            }
+            return Request(kind, "/v1/chat/completions", body)
+        if kind == "stream":
+            body = {"text": f"List signs of {topic}.", "max_new_tokens": tokens, "stream": True}
+            return Request(kind, seed_path, body, stream=True)
+        return self.rng.choice(self.bad)
+
+
+# --- results ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stats:
+    sent: int = 0
+    answered: Counter = field(default_factory=Counter)  # status -> n
+    by_kind: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
+    lost: Counter = field(default_factory=Counter)  # reason -> n
+    latencies: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))  # successes, by kind
+    overload: int = 0
+    overload_without_retry_after: int = 0
+    server_errors: list[str] = field(default_factory=list)  # 5xx that are not a 503 with Retry-After
+    bad_not_4xx: list[str] = field(default_factory=list)
+    good_4xx: list[str] = field(default_factory=list)  # a good request refused (should not happen)
+
+    @property
+    def answered_total(self) -> int:
+        return sum(self.answered.values())
+
+
+async def one_request(client: Any, req: Request, timeout: float, stats: Stats) -> float:
+    """Send one request, record its outcome; return how long the client should wait before the next one."""
+    import httpx
+
+    stats.sent += 1
+    started = time.perf_counter()
+    kwargs: dict[str, Any] = {"timeout": timeout}
+    if req.content is not None:
+        kwargs["content"] = req.content
+        kwargs["headers"] = {"content-type": "application/json"}
+    else:
+        kwargs["json"] = req.json_body
+    try:
+        async with asyncio.timeout(timeout):
+            async with client.stream("POST", req.path, **kwargs) as resp:
+                raw = await resp.aread()
+    except (httpx.HTTPError, TimeoutError, OSError) as exc:
+        stats.lost[type(exc).__name__] += 1
+        return 0.0
+    elapsed = time.perf_counter() - started
+    status = resp.status_code
+    if req.stream and status == 200 and b'"done": true' not in raw:
+        stats.lost["stream ended without its final event"] += 1
+        return 0.0
+    stats.answered[status] += 1
+    stats.by_kind[req.kind][status] += 1
+    retry_after = resp.headers.get("retry-after")
+    if status in (429, 503):
+        stats.overload += 1
+        if retry_after is None:
+            stats.overload_without_retry_after += 1
+    if status >= 500 and not (status == 503 and retry_after is not None):
+        stats.server_errors.append(f"{req.kind} {req.path}: {status} {raw[:200]!r}")
+    if req.expect_4xx and not 400 <= status < 500:
+        stats.bad_not_4xx.append(f"{req.path} {req.json_body or req.content!r:.120}: {status} {raw[:160]!r}")
+    if not req.expect_4xx and 400 <= status < 500 and status != 429:
+        stats.good_4xx.append(f"{req.kind}: {status} {raw[:200]!r}")
+    if status == 200 and not req.expect_4xx:
+        stats.latencies[req.kind].append(elapsed)
+    if status in (429, 503) and retry_after is not None:
+        with contextlib.suppress(ValueError):
+            return min(float(retry_after), 2.0)
+    return 0.0
+
+
+async def client_loop(
+    client: Any, workload: Workload, *, deadline: float, timeout: float, stats: Stats, budget: list[int]
+) -> None:
+    while time.monotonic() < deadline and budget[0] > 0:
+        budget[0] -= 1
+        wait = await one_request(client, workload.next(), timeout, stats)
+        if wait:
+            await asyncio.sleep(min(wait, max(0.0, deadline - time.monotonic())))
+
+
+# --- the server and its memory ----------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def tree_rss(pid: int) -> int:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            total += p.memory_info().rss
+    return total
+
+
+async def sample_rss(pid: int, t0: float, every: float, samples: list[tuple[float, int]], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        samples.append((time.monotonic() - t0, await asyncio.to_thread(tree_rss, pid)))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), every)
+    samples.append((time.monotonic() - t0, await asyncio.to_thread(tree_rss, pid)))
+
+
+def start_server(model_dir: Path, port: int, work: Path, args: argparse.Namespace) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(work / "bentoml-home"),
+        "BENTOML_DO_NOT_TRACK": "true",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "MEDGEMMA_MODEL": str(model_dir),
+        "MEDGEMMA_MAX_QUEUE": str(args.max_queue),
+        "MEDGEMMA_MAX_BATCH_SIZE": str(args.max_batch_size),
+    }
+    cmd = [sys.executable, "-m", "bentoml", "serve", "service:MedGemma", "-p", str(port), "--host", HOST]
+    with open(work / "server.log", "wb") as log:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_ready(url: str, app: str, proc: subprocess.Popen[bytes], timeout: float = 300.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"bentoml serve exited with {proc.returncode}")
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            health = httpx.get(f"{url}/{app}/v1/health", timeout=5, trust_env=False).json()
+            if health.get("model_state") == "ready":
+                return
+            if health.get("model_state") == "failed":
+                raise RuntimeError(f"model failed to load: {health.get('loading_error')}")
+        time.sleep(0.5)
+    raise RuntimeError(f"server not ready after {timeout} s")
+
+
+def normal_request_after(url: str, app: str) -> str:
+    """One ordinary request once the load is over: the server must still answer it."""
+    import httpx
+
+    try:
+        r = httpx.post(
+            f"{url}/{app}/v1/generate", json={"text": "still there?", "max_new_tokens": 2}, timeout=60, trust_env=False
+        )
+    except httpx.HTTPError as exc:
+        return f"no answer ({type(exc).__name__})"
+    return f"{r.status_code} in {r.elapsed.total_seconds() * 1000:.0f} ms"
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+# --- report -----------------------------------------------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def rss_at(samples: list[tuple[float, int]], t: float) -> int:
+    return min(samples, key=lambda s: abs(s[0] - t))[1]
+
+
+def report(
+    stats: Stats,
+    samples: list[tuple[float, int]],
+    *,
+    elapsed: float,
+    args: argparse.Namespace,
+    conditions: dict[str, Any],
+    log_path: Path,
+    after: str,
+) -> list[str]:
+    """Print the summary; return the list of failed acceptance checks."""
+    lost = stats.sent - stats.answered_total
+    successes = [v for vs in stats.latencies.values() for v in vs]
+    mb = 1024 * 1024
+    rss_start = samples[0][1] if samples else 0
+    rss_m1 = rss_at(samples, 60.0) if samples else 0
+    rss_end = samples[-1][1] if samples else 0
+    growth = (rss_end - rss_m1) / rss_m1 if rss_m1 else float("nan")
+    log_text = log_path.read_text(errors="replace") if log_path.exists() else ""
+
+    out = ["", "=" * 78, "MedGemma soak test", "=" * 78]
+    out += [f"conditions: {', '.join(f'{k}={v}' for k, v in conditions.items())}"]
+    out += [
+        f"clients: {args.clients}, duration: {elapsed:.1f} s, model: demo {args.model} (vlm), "
+        f"max_queue: {args.max_queue}, max_batch_size: {args.max_batch_size}, timeout: {args.timeout:.0f} s"
+    ]
+    out += [f"requests sent:      {stats.sent}  ({stats.sent / elapsed:.1f}/s)"]
+    out += [
+        f"answered:           {stats.answered_total}  by status: "
+        + ", ".join(f"{s}: {n}" for s, n in sorted(stats.answered.items()))
+    ]
+    out += [f"lost:               {lost}" + (f"  ({dict(stats.lost)})" if stats.lost else "")]
+    for kind, counts in sorted(stats.by_kind.items()):
+        lat = stats.latencies.get(kind, [])
+        line = f"  {kind:<7} " + ", ".join(f"{s}: {n}" for s, n in sorted(counts.items()))
+        if lat:
+            line += f"   p50 {percentile(lat, 50) * 1000:.0f} ms, p99 {percentile(lat, 99) * 1000:.0f} ms"
+        out.append(line)
+    out += [
+        f"latency (200s):     p50 {percentile(successes, 50) * 1000:.0f} ms, "
+        f"p99 {percentile(successes, 99) * 1000:.0f} ms, max {max(successes, default=0) * 1000:.0f} ms "
+        f"over {len(successes)} successful requests"
+    ]
+    out += [
+        f"overload answers:   {stats.overload} (429/503), without Retry-After: {stats.overload_without_retry_after}"
+    ]
+    out += [
+        f"server RSS (tree):  start {rss_start / mb:.1f} MB, minute 1 {rss_m1 / mb:.1f} MB, "
+        f"end {rss_end / mb:.1f} MB, max {max((s[1] for s in samples), default=0) / mb:.1f} MB; "
+        f"growth minute 1 -> end: {growth * 100:+.2f} %  ({len(samples)} samples)"
+    ]
+    out += [
+        f"server log:         {log_text.count('Traceback')} tracebacks, {log_text.count('[ERROR]')} ERROR records "
+        f"({log_path}; kept only when the run fails or with --keep-log)"
+    ]
+
+    out += [f"request after soak: {after}"]
+
+    failed = []
+    if not after.startswith("200"):
+        failed.append(f"a normal request after the soak did not answer 200: {after}")
+    if lost:
+        failed.append(f"{lost} requests lost")
+    if not growth < RSS_GROWTH_LIMIT:
+        failed.append(f"RSS grew {growth * 100:.2f} % from minute 1 to the end (limit {RSS_GROWTH_LIMIT * 100:.0f} %)")
+    if elapsed < 60:
+        failed.append("ran under a minute: no minute-1 RSS baseline")
+    if stats.server_errors:
+        failed.append(
+            f"{len(stats.server_errors)} 5xx answers (not a 503 with Retry-After), e.g. {stats.server_errors[:3]}"
+        )
+    if stats.overload_without_retry_after:
+        failed.append(f"{stats.overload_without_retry_after} overload answers without Retry-After")
+    if stats.bad_not_4xx:
+        failed.append(f"{len(stats.bad_not_4xx)} bad requests not answered 4xx, e.g. {stats.bad_not_4xx[:3]}")
+    if stats.good_4xx:
+        failed.append(f"{len(stats.good_4xx)} good requests answered 4xx, e.g. {stats.good_4xx[:3]}")
+    out += ["-" * 78, "RESULT: " + ("PASS" if not failed else "FAIL")]
+    out += [f"  - {f}" for f in failed]
+    print("\n".join(out), flush=True)
+    return failed
+
+
+def machine_conditions() -> dict[str, Any]:
+    import psutil
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return {
+        "cpus": os.cpu_count(),
+        "loadavg_before": "/".join(f"{x:.2f}" for x in load),
+        "mem_available_GB": round(psutil.virtual_memory().available / 2**30, 1),
+        "python": platform.python_version(),
+    }
+
+
+# --- main -------------------------------------------------------------------------------------------------------------
+
+
+async def drive(url: str, app: str, pid: int, args: argparse.Namespace) -> tuple[Stats, list[tuple[float, int]], float]:
+    import httpx
+
+    stats = Stats()
+    samples: list[tuple[float, int]] = []
+    limits = httpx.Limits(max_connections=args.clients + 8, max_keepalive_connections=args.clients + 8)
+    async with httpx.AsyncClient(base_url=url, limits=limits, trust_env=False) as client:
+        t0 = time.monotonic()
+        stop = asyncio.Event()
+        sampler = asyncio.create_task(sample_rss(pid, t0, args.rss_every, samples, stop))
+        deadline = t0 + args.duration
+        budget = [args.max_requests]
+        workers = [
+            client_loop(
+                client,
+                Workload(app, seed=args.seed * 1000 + i),
+                deadline=deadline,
+                timeout=args.timeout,
+                stats=stats,
+                budget=budget,
+            )
+            for i in range(args.clients)
+        ]
+        progress = asyncio.create_task(print_progress(stats, t0, deadline))
+        await asyncio.gather(*workers)
+        elapsed = time.monotonic() - t0
+        progress.cancel()
+        stop.set()
+        await sampler
+    return stats, samples, elapsed
+
+
+async def print_progress(stats: Stats, t0: float, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        await asyncio.sleep(15)
+        print(
+            f"  t={time.monotonic() - t0:5.0f} s  sent {stats.sent}, answered {stats.answered_total}, "
+            f"by status {dict(sorted(stats.answered.items()))}, lost {sum(stats.lost.values())}",
+            flush=True,
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--duration", type=float, default=130.0, help="seconds of load (at most 3600)")
+    ap.add_argument("--model", choices=("tiny", "small"), default="tiny")
+    ap.add_argument("--max-queue", type=int, default=32, help="MEDGEMMA_MAX_QUEUE: small, so that overload happens")
+    ap.add_argument("--max-batch-size", type=int, default=16)
+    ap.add_argument("--timeout", type=float, default=60.0, help="per request, seconds")
+    ap.add_argument("--max-requests", type=int, default=500_000, help="stop after this many requests")
+    ap.add_argument("--rss-every", type=float, default=5.0, help="seconds between RSS samples")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--demo-dir", default=os.environ.get("MEDGEMMA_DEMO_DIR", ""), help="where demo checkpoints live")
+    ap.add_argument("--keep-log", action="store_true", help="keep the work dir (server log) after a passing run")
+    args = ap.parse_args(argv)
+    args.duration = min(args.duration, MAX_DURATION_S)
+
+    from medgemma.demo import checkpoint_name, ensure_checkpoint
+
+    conditions = machine_conditions()
+    work = Path(tempfile.mkdtemp(prefix="medgemma-soak-"))
+    model_dir = ensure_checkpoint("vlm", args.model, root=args.demo_dir or (work / "demo"))
+    app = model_dir.name if model_dir.name else checkpoint_name("vlm", args.model)
+    port = free_port()
+    url = f"http://{HOST}:{port}"
+    print(f"starting bentoml serve on {url} (model {model_dir}, work dir {work})", flush=True)
+    proc = start_server(model_dir, port, work, args)
+    try:
+        try:
+            wait_ready(url, app, proc)
+        except RuntimeError:
+            print((work / "server.log").read_text(errors="replace")[-3000:], file=sys.stderr)
+            raise
+        print(f"ready; {args.clients} clients for {args.duration:.0f} s", flush=True)
+        stats, samples, elapsed = asyncio.run(drive(url, app, proc.pid, args))
+        alive = proc.poll() is None
+        after = normal_request_after(url, app) if alive else "server gone"
+    finally:
+        stop_server(proc)
+    failed = report(
+        stats, samples, elapsed=elapsed, args=args, conditions=conditions, log_path=work / "server.log", after=after
+    )
+    if not args.keep_log and not failed:
+        shutil.rmtree(work, ignore_errors=True)  # the server log, BENTOML_HOME and a demo built here
+    else:
+        print(f"kept: {work}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
