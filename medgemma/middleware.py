@@ -328,6 +328,12 @@ class RedactRequestData(logging.Filter):
             validation = next(
                 (e for e in chain if type(e).__name__ == "ValidationError" and hasattr(e, "errors")), None
             )
+            client_error = validation is not None or any(
+                400 <= _error_code(e) < 500 or type(e).__name__ == "ClientDisconnect" for e in chain
+            )
+            if client_error and record.levelno > logging.WARNING:
+                # The client sent something invalid (or left) and got a 4xx: a warning, not an error to page on.
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
             if validation is not None:
                 locs = [".".join(str(p) for p in err.get("loc", ())) for err in validation.errors()][:5]
                 record.msg = f"{record.getMessage()} (request validation failed at: {', '.join(locs)}; values redacted)"
