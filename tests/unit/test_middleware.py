@@ -1,0 +1,79 @@
+"""Edge pieces that need no server: error bodies, route labels, the log redaction filter."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import pytest
+from pydantic import BaseModel
+
+from medgemma.errors import BadRequest, ModelFailed, ModelLoading, Overloaded, error_body
+from medgemma.middleware import RedactRequestData, route_label
+
+
+def test_error_body_shapes():
+    exc = BadRequest("temperature: too hot", param="temperature")
+    assert error_body(exc, openai=False) == {"status": "error", "error": "temperature: too hot", "param": "temperature"}
+    oai = error_body(exc, openai=True)
+    assert oai == {
+        "error": {
+            "message": "temperature: too hot",
+            "type": "invalid_request_error",
+            "param": "temperature",
+            "code": "error",
+        }
+    }
+    loading = error_body(ModelLoading("wait", retry_after=7), openai=True)
+    assert loading["error"]["type"] == "model_loading" and loading["status"] == "loading"
+    assert loading["retry_after_seconds"] == 7
+    failed = ModelFailed("OSError: no weights", retry_after=30)
+    assert failed.body()["loading_error"] == "OSError: no weights"
+    assert failed.body()["error"] == "Model loading failed: OSError: no weights"
+    assert Overloaded("full", retry_after=2).headers == {"Retry-After": "2"}
+
+
+@pytest.mark.parametrize(
+    ("path", "label"),
+    [
+        ("/medgemma-27b-it/v1/generate", "/{app}/v1/generate"),
+        ("/any-app/v1/chat/completions", "/{app}/v1/chat/completions"),
+        ("/v1/chat/completions", "/v1/chat/completions"),
+        ("/any-app/playground/playground.js", "/{app}/playground"),
+        ("/metrics", "/metrics"),
+        ("/wp-admin/../etc/passwd", "other"),
+    ],
+)
+def test_route_labels_are_low_cardinality(path, label):
+    assert route_label(path) == label
+
+
+def _record_for(exc: BaseException) -> logging.LogRecord:
+    try:
+        raise exc
+    except BaseException:
+        return logging.LogRecord(
+            "bentoml", logging.ERROR, __file__, 1, "Exception on %s [%s]", ("/g", "POST"), sys.exc_info()
+        )
+
+
+def test_redaction_drops_values_and_downgrades_client_errors():
+    class Model(BaseModel):
+        text: int
+
+    try:
+        Model.model_validate({"text": "PATIENT-SECRET"})
+    except Exception as exc:
+        record = _record_for(exc)
+    assert RedactRequestData().filter(record)
+    rendered = logging.Formatter().format(record)
+    assert "PATIENT-SECRET" not in rendered
+    assert "request validation failed at: text" in rendered
+    assert record.levelname == "WARNING"
+
+
+def test_redaction_leaves_real_server_errors_alone():
+    record = _record_for(RuntimeError("engine broke"))
+    assert RedactRequestData().filter(record)
+    assert record.levelname == "ERROR"
+    assert record.exc_info is not None
