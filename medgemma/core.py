@@ -108,7 +108,9 @@ class MedGemmaCore:
         return discovery.public_model_name(self.manager.loaded, self.settings)
 
     # -- generation (shared by every API)
-    async def submit(self, build: Callable[[Engine], GenerationRequest]) -> tuple[GenerationRequest, RequestHandle]:
+    async def submit(
+        self, build: Callable[[Engine], GenerationRequest], *, stream: bool = True
+    ) -> tuple[GenerationRequest, RequestHandle]:
         """Gate on the model's state, build the internal request off the event loop, and queue it."""
         if self.draining:
             raise EngineUnavailable("the server is shutting down; retry on another replica", retry_after=5)
@@ -116,12 +118,12 @@ class MedGemmaCore:
         # Image decoding and the processor are CPU work: keep them off the event loop.
         req = await asyncio.to_thread(build, engine)
         prepared = await asyncio.to_thread(engine.prepare, req)
-        return req, engine.submit(prepared)
+        return req, engine.submit(prepared, stream=stream)
 
     async def run(
         self, build: Callable[[Engine], GenerationRequest], disconnected: Disconnected | None = None
     ) -> tuple[GenerationRequest, GenerationResult]:
-        req, handle = await self.submit(build)
+        req, handle = await self.submit(build, stream=False)
         return req, await wait_or_cancel(handle, disconnected)
 
     def seed_builder(self, req: GenerateRequest, request_id: str | None) -> Callable[[Engine], GenerationRequest]:

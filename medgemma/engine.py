@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import queue
 import threading
@@ -78,8 +79,9 @@ class RequestHandle:
     a running event loop, else into a thread-safe queue (benchmarks, tests, plain threads).
     """
 
-    def __init__(self, prepared: PreparedRequest) -> None:
+    def __init__(self, prepared: PreparedRequest, *, stream: bool = True) -> None:
         self.prepared = prepared
+        self.streaming = stream  # whether the caller reads per-token text events
         self.request_id = prepared.request_id
         self.submitted_at = time.perf_counter()
         self.cancelled = threading.Event()
@@ -169,31 +171,35 @@ class _Row:
 
 
 class _Batch:
-    """KV cache + attention mask of the running rows, all left-padded to the same length."""
+    """KV cache + attention mask of the running rows, all left-padded to the same length.
+
+    The cache object lives across decode steps (the model appends to it in place); it is rebuilt only when rows
+    join (merge) or leave (keep), so a decode step copies the KV cache no more than the model itself does.
+    """
 
     def __init__(self) -> None:
         self.rows: list[_Row] = []
-        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.cache: Any = None  # transformers DynamicCache with full (non-sliding) layers
         self.mask: torch.Tensor | None = None  # (B, T) long
 
     @property
     def length(self) -> int:
         return 0 if self.mask is None else int(self.mask.shape[1])
 
-    def merge(self, rows: list[_Row], layers: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
+    def merge(self, rows: list[_Row], cache: Any, mask: torch.Tensor) -> None:
         if not self.rows:
-            self.rows, self.layers, self.mask = list(rows), layers, mask
+            self.rows, self.cache, self.mask = list(rows), cache, mask
             return
         assert self.mask is not None
         t_old, t_new = self.length, int(mask.shape[1])
         t = max(t_old, t_new)
-        self.layers = [
+        self.cache = _cache_from(
             (
                 torch.cat([_lpad(k0, t - t_old), _lpad(k1, t - t_new)]),
                 torch.cat([_lpad(v0, t - t_old), _lpad(v1, t - t_new)]),
             )
-            for (k0, v0), (k1, v1) in zip(self.layers, layers, strict=True)
-        ]
+            for (k0, v0), (k1, v1) in zip(_layers_of(self.cache), _layers_of(cache), strict=True)
+        )
         self.mask = torch.cat([_lpad_mask(self.mask, t - t_old), _lpad_mask(mask, t - t_new)])
         self.rows.extend(rows)
 
@@ -202,23 +208,24 @@ class _Batch:
         if len(keep) == len(self.rows):
             return
         if not keep:
-            self.rows, self.layers, self.mask = [], [], None
+            self.rows, self.cache, self.mask = [], None, None
             return
         assert self.mask is not None
         idx = torch.tensor(keep, device=self.mask.device)
         mask = self.mask.index_select(0, idx)
         first_real = int((mask.cumsum(1) == 0).sum(1).min())
         self.mask = mask[:, first_real:]
-        self.layers = [
+        self.cache = _cache_from(
             (k.index_select(0, idx)[:, :, first_real:], v.index_select(0, idx)[:, :, first_real:])
-            for k, v in self.layers
-        ]
+            for k, v in _layers_of(self.cache)
+        )
         self.rows = [self.rows[i] for i in keep]
 
-    def cache(self) -> Any:
-        from transformers import DynamicCache
 
-        return DynamicCache(ddp_cache_data=[(k, v) for k, v in self.layers])
+def _cache_from(layers: Any) -> Any:
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=list(layers))
 
 
 def _lpad(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -271,6 +278,10 @@ class Engine:
         self.eos_ids = set(_eos_ids(loaded))
         self.context_length = _context_length(loaded.config)
         self.pad_id = _pad_id(loaded)
+        # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name is a deprecated alias
+        # there, and the only name before): use whichever this version's forward declares.
+        forward_params = inspect.signature(self.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in forward_params else "past_key_values"
         # A checkpoint without a chat template (some conversions drop it) gets Gemma 3's turn format.
         has_template = getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
         self.chat_template: str | None = None if has_template else GEMMA3_CHAT_TEMPLATE
@@ -357,8 +368,9 @@ class Engine:
             params=req.params,
         )
 
-    def submit(self, prepared: PreparedRequest) -> RequestHandle:
-        handle = RequestHandle(prepared)
+    def submit(self, prepared: PreparedRequest, *, stream: bool = True) -> RequestHandle:
+        """Queue a prepared request. ``stream=False`` skips per-token text events (only the result is wanted)."""
+        handle = RequestHandle(prepared, stream=stream)
         with self._cv:
             if self._draining or self._stopping:
                 raise EngineUnavailable("the server is shutting down; retry on another replica", retry_after=5)
@@ -472,9 +484,9 @@ class Engine:
             input_ids=input_ids.to(self.device),
             attention_mask=mask.to(self.device),
             position_ids=position_ids.to(self.device),
-            cache=cache,
             use_cache=True,
             logits_to_keep=1,
+            **{self._cache_kw: cache},
             **kwargs,
         )
         logits = out.logits[:, -1, :].float()
@@ -498,7 +510,7 @@ class Engine:
                 )
             )
             h.prepared.pixel_values = None  # free image tensors early
-        self._batch.merge(rows, _layers_of(cache), mask.to(self.device))
+        self._batch.merge(rows, cache, mask.to(self.device))
         first = len(self._batch.rows) - len(rows)
         self._advance(list(range(first, len(self._batch.rows))), logits)
 
@@ -511,22 +523,20 @@ class Engine:
         try:
             if self.fault_injector:
                 self.fault_injector("decode")
-            cache = batch.cache()
             out = self.model(
                 input_ids=last,
                 attention_mask=mask,
                 position_ids=position_ids,
-                cache=cache,
                 use_cache=True,
                 logits_to_keep=1,
+                **{self._cache_kw: batch.cache},
             )
         except Exception as exc:
             _free_memory()
             log.error("decode step failed for %d requests: %s", len(batch.rows), type(exc).__name__)
             self._fail_all(_as_service_error(exc))
             return
-        batch.layers = _layers_of(cache)
-        batch.mask = mask
+        batch.mask = mask  # the model appended this step's keys and values to batch.cache in place
         self.steps += 1
         self._advance(list(range(len(batch.rows))), out.logits[:, -1, :].float())
 
@@ -542,7 +552,10 @@ class Engine:
                 row.finish = "stop"
                 continue
             row.generated.append(tok)
-            self._emit_text(row)
+            if (
+                row.handle.streaming or row.params.stop
+            ):  # nobody reads deltas of a plain request: decode once at the end
+                self._emit_text(row)
             if row.finish is None and len(row.generated) >= row.params.max_new_tokens:
                 row.finish = "length"
         done = [i for i, r in enumerate(self._batch.rows) if r.finish is not None or r.handle.cancelled.is_set()]
@@ -562,8 +575,10 @@ class Engine:
         ids = row.generated
         prefix = self.tokenizer.decode(ids[row.prefix_offset : row.read_offset], skip_special_tokens=True)
         full = self.tokenizer.decode(ids[row.prefix_offset :], skip_special_tokens=True)
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
-            return  # an incomplete multi-byte character: wait for the next token
+        if full.endswith("\ufffd") and len(ids) - row.read_offset < 4:
+            return  # maybe a multi-byte character still arriving (UTF-8 needs at most 4 byte tokens): wait
+        if len(full) <= len(prefix):
+            return
         delta = full[len(prefix) :]
         row.prefix_offset, row.read_offset = row.read_offset, len(ids)
         self._push(row, delta)
@@ -642,17 +657,21 @@ class Engine:
 
 
 def _sample(rows: list[_Row], logits: torch.Tensor) -> list[int]:
-    """Per-row logits processing in transformers' order: repetition penalty, temperature, top-k, top-p."""
+    """Per-row logits processing in transformers' order: repetition penalty, temperature, top-k, top-p.
+
+    Plain greedy rows share one batched argmax (one device sync per step, not one per row)."""
+    greedy = logits.argmax(-1).tolist()
     out: list[int] = []
-    for row, row_logits in zip(rows, logits, strict=True):
+    for i, (row, row_logits) in enumerate(zip(rows, logits, strict=True)):
         p = row.params
+        penalise = p.repetition_penalty is not None and p.repetition_penalty != 1.0
+        if not p.do_sample and not penalise:
+            out.append(int(greedy[i]))
+            continue
         lg = row_logits
-        if p.repetition_penalty is not None and p.repetition_penalty != 1.0:
+        if penalise:
             seen = torch.cat(
-                [
-                    row.prompt_ids.to(lg.device),
-                    torch.tensor(row.generated, dtype=torch.long, device=lg.device),
-                ]
+                [row.prompt_ids.to(lg.device), torch.tensor(row.generated, dtype=torch.long, device=lg.device)]
             )
             score = lg.gather(0, seen)
             score = torch.where(score < 0, score * p.repetition_penalty, score / p.repetition_penalty)
@@ -671,8 +690,7 @@ def _sample(rows: list[_Row], logits: torch.Tensor) -> list[int]:
             remove = cum <= (1 - p.top_p)
             remove[-1] = False  # always keep the most likely token
             lg = lg.masked_fill(remove.scatter(0, order, remove), float("-inf"))
-        probs = lg.softmax(-1)
-        out.append(int(torch.multinomial(probs, 1, generator=row.generator)))
+        out.append(int(torch.multinomial(lg.softmax(-1), 1, generator=row.generator)))
     return out
 
 
