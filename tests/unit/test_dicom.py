@@ -328,9 +328,7 @@ def test_palette_colour_dicom():
     for colour, values in (("Red", [0, 255, 0, 10]), ("Green", [0, 0, 255, 20]), ("Blue", [0, 0, 0, 30])):
         setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [4, 0, 8])
         setattr(ds, f"{colour}PaletteColorLookupTableData", bytes(values))
-    assert pixels(load_images(to_bytes(ds))[0]).tolist() == [
-        [[0, 0, 0], [255, 0, 0], [0, 255, 0], [10, 20, 30]]
-    ]
+    assert pixels(load_images(to_bytes(ds))[0]).tolist() == [[[0, 0, 0], [255, 0, 0], [0, 255, 0], [10, 20, 30]]]
 
 
 # ------------------------------------------------------------------------------------------ multi-frame
