@@ -72,7 +72,7 @@ class MedGemma:
 
     @bentoml.on_shutdown
     def _shutdown(self) -> None:
-        self.core.shutdown(grace_s=10.0)
+        self.core.shutdown(grace_s=SETTINGS.shutdown_grace_s)
 
     @transport.strict_api(f"/{APP}/v1/generate")
     async def generate(  # noqa: PLR0917 - BentoML maps each parameter to a request field
@@ -121,7 +121,10 @@ class MedGemma:
     @bentoml.api(route=f"/{APP}/v1/health")
     def health(self, ctx: bentoml.Context) -> dict[str, Any]:
         """Replica health, model state, device and uptime; answers in every state."""
-        return transport.respond(ctx, json_response(self.core.health()))
+        try:
+            return transport.respond(ctx, json_response(self.core.health()))
+        except Exception as exc:
+            return transport.respond(ctx, error_response(exc))
 
 
 def _count_response(route: str, status: int) -> None:
@@ -135,4 +138,5 @@ MedGemma.add_asgi_middleware(
     max_body_bytes=SETTINGS.max_body_bytes,
     on_response=_count_response,
     json_paths=frozenset(f"/{APP}/v1/{name}" for name in ("generate", "schema", "health")),
+    open_prefixes=(f"/{APP}/playground", "/static_content/"),
 )

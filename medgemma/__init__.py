@@ -1,6 +1,6 @@
 """MedGemma served with BentoML: engine, API schemas and lifecycle, free of BentoML where possible.
 
-Only ``service.py`` (the transport) and ``medgemma.http`` (the mounted ASGI routes) know about BentoML;
+Only ``service.py`` and its helpers ``medgemma.transport`` and ``medgemma.bentoml_compat`` know about BentoML;
 everything else here is plain Python, transformers and torch, so it can be tested and reused on its own.
 """
 

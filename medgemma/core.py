@@ -37,7 +37,9 @@ class MedGemmaCore:
         self.settings = settings
         self.started_at = time.time()
         self._started_mono = time.monotonic()
-        self.manager = manager or ModelManager(settings, on_state=self._state_changed, on_finish=self._request_finished)
+        self.manager = manager or ModelManager(
+            settings, on_state=self._state_changed, on_finish=self._request_finished, on_stats=self._engine_stats
+        )
 
     # -- lifecycle hooks
     def _state_changed(self, state: ModelState) -> None:
@@ -271,44 +273,42 @@ class MedGemmaCore:
 
     def health(self) -> dict[str, Any]:
         m = self.manager
+        # One read of each: an idle unload may clear them on another thread while this runs.
+        loaded, engine, state = m.loaded, m.engine, m.state
         body: dict[str, Any] = {
             "status": "draining" if self.draining else "healthy",
             "model": self.model_name,
             "model_source": self.settings.model,
-            "model_state": m.state.value,
-            "device": m.loaded.device if m.loaded else None,
-            "model_memory_mb": round(m.loaded.model.get_memory_footprint() / 2**20, 2) if m.loaded else 0.0,
+            "model_state": state.value,
+            "device": loaded.device if loaded else None,
+            "model_memory_mb": round(loaded.model.get_memory_footprint() / 2**20, 2) if loaded else 0.0,
             "uptime_seconds": round(time.monotonic() - self._started_mono, 1),
             "loads": m.loads,
         }
-        if m.state is ModelState.LOADING:
+        if state is ModelState.LOADING:
             body["progress"] = m.progress_view()
-        if m.state is ModelState.FAILED:
+        if state is ModelState.FAILED:
             body["loading_error"] = m.error
-        if m.engine is not None:
-            st = m.engine.stats()
-            body["engine"] = {
-                "waiting": st.waiting,
-                "running": st.running,
-                "max_batch_size": m.engine.max_batch_size,
-            }
+        if engine is not None:
+            st = engine.stats()
+            body["engine"] = {"waiting": st.waiting, "running": st.running, "max_batch_size": engine.max_batch_size}
         if m.load_seconds is not None:
             body["load_seconds"] = round(m.load_seconds, 2)
         return body
 
     def models(self) -> dict[str, Any]:
-        m = self.manager
+        loaded, state = self.manager.loaded, self.manager.state
         entry: dict[str, Any] = {
             "id": self.settings.route_prefix,
             "object": "model",
             "created": int(self.started_at),
             "owned_by": "medgemma-bentoml",
             "source": self.settings.model,
-            "state": m.state.value,
-            "demo": bool(m.loaded.is_demo) if m.loaded else None,
+            "state": state.value,
+            "demo": bool(loaded.is_demo) if loaded else None,
         }
-        if m.loaded is not None:
-            entry["capabilities"] = ["text-to-text", "image-text-to-text"] if m.loaded.vision else ["text-to-text"]
+        if loaded is not None:
+            entry["capabilities"] = ["text-to-text", "image-text-to-text"] if loaded.vision else ["text-to-text"]
         return {"object": "list", "data": [entry]}
 
 

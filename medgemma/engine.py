@@ -285,6 +285,7 @@ class Engine:
         # A checkpoint without a chat template (some conversions drop it) gets Gemma 3's turn format.
         has_template = getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
         self.chat_template: str | None = None if has_template else GEMMA3_CHAT_TEMPLATE
+        self._reserved_tokens = _reserved_tokens(self.processor, self.tokenizer)
         self._waiting: deque[RequestHandle] = deque()
         self._cv = threading.Condition()
         self._batch = _Batch()
@@ -331,6 +332,7 @@ class Engine:
     def prepare(self, req: GenerationRequest) -> PreparedRequest:
         """Chat template + processor → tensors. Runs on the caller's thread; raises BadRequest for bad prompts."""
         images = [p.image for p in req.images]
+        self._check_reserved_tokens(req)
         chat = _to_chat(req.messages, vision=self.loaded.vision)
         try:
             prompt = self.processor.apply_chat_template(
@@ -338,12 +340,15 @@ class Engine:
             )
         except Exception as exc:  # the template raises for conversations it cannot render
             raise BadRequest(f"the model's chat template rejected the conversation: {_public(exc)}") from None
-        if images:
-            enc = self.processor(text=prompt, images=images, return_tensors="pt", add_special_tokens=False)
-        else:
-            enc = (self.tokenizer if not self.loaded.vision else self.processor)(
-                text=prompt, return_tensors="pt", add_special_tokens=False
-            )
+        try:
+            if images:
+                enc = self.processor(text=prompt, images=images, return_tensors="pt", add_special_tokens=False)
+            else:
+                enc = (self.tokenizer if not self.loaded.vision else self.processor)(
+                    text=prompt, return_tensors="pt", add_special_tokens=False
+                )
+        except ValueError as exc:  # the processor refuses prompts whose image markers do not match the images
+            raise BadRequest(f"the prompt could not be prepared: {_public(exc)}", param="messages") from None
         input_ids = enc["input_ids"][0]
         n_input = int(input_ids.shape[0])
         total = n_input + req.params.max_new_tokens
@@ -367,6 +372,20 @@ class Engine:
             pixel_values=enc.get("pixel_values") if images else None,
             params=req.params,
         )
+
+    def _check_reserved_tokens(self, req: GenerationRequest) -> None:
+        """Text may not contain the model's control tokens (turn and image markers): typed into a prompt they would
+        forge turns or image slots, and image markers make the processor or the vision merge fail."""
+        reserved = self._reserved_tokens
+        for i, m in enumerate(req.messages):
+            for part in m.parts:
+                if isinstance(part, TextPart) and "<" in part.text:
+                    found = next((t for t in reserved if t in part.text), None)
+                    if found is not None:
+                        raise BadRequest(
+                            f"messages[{i}]: the text contains the reserved token {found!r}; remove it",
+                            param=f"messages[{i}]",
+                        )
 
     def submit(self, prepared: PreparedRequest, *, stream: bool = True) -> RequestHandle:
         """Queue a prepared request. ``stream=False`` skips per-token text events (only the result is wanted)."""
@@ -730,6 +749,17 @@ def _as_list(x: Any) -> list[int]:
     if x is None:
         return []
     return [int(v) for v in x] if isinstance(x, list | tuple) else [int(x)]
+
+
+def _reserved_tokens(processor: Any, tokenizer: Any) -> tuple[str, ...]:
+    """Control tokens a user's text must not contain: turn markers, BOS/EOS/PAD, image markers."""
+    names = {"<start_of_turn>", "<end_of_turn>", *(str(t) for t in getattr(tokenizer, "all_special_tokens", []))}
+    for owner in (processor, tokenizer):
+        for attr in ("boi_token", "eoi_token", "image_token"):
+            value = getattr(owner, attr, None)
+            if isinstance(value, str) and value.strip():
+                names.add(value.strip())
+    return tuple(sorted(n for n in names if n.startswith("<") and len(n) > 2))
 
 
 def _eos_ids(loaded: LoadedModel) -> list[int]:

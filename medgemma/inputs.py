@@ -30,11 +30,25 @@ class UploadedImage:
     filename: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass
 class ImageOptions:
+    """How to decode the images of one request, and how many it may still decode."""
+
     window: imaging.Window | None
     frames: imaging.FrameSelection
     limits: imaging.ImageLimits
+    max_images: int
+    decoded: int = 0
+
+    def count(self, n: int, param: str) -> None:
+        # Checked as images are decoded (a multi-frame DICOM counts each frame), not after all of them are in memory.
+        self.decoded += n
+        if self.decoded > self.max_images:
+            raise PayloadTooLarge(
+                f"more than {self.max_images} images in this request (DICOM frames count one each), above the "
+                f"limit of {self.max_images} per request",
+                param=param,
+            )
 
 
 def image_options(settings: Settings, window: Any = None, frames: str | None = None) -> ImageOptions:
@@ -46,6 +60,7 @@ def image_options(settings: Settings, window: Any = None, frames: str | None = N
             max_pixels=settings.max_image_pixels,
             max_frames=settings.max_images,
         ),
+        max_images=settings.max_images,
     )
 
 
@@ -81,6 +96,7 @@ def decode_image(value: Any, options: ImageOptions, *, param: str) -> list[Image
             f"{param}: an image must be a data URI string (data:image/png;base64,...) or an uploaded file",
             param=param,
         )
+    options.count(len(prepared), param)
     return [ImagePart(image=p.image, info=p.info) for p in prepared]
 
 
@@ -177,11 +193,12 @@ def check_conversation(messages: list[Message], settings: Settings, *, vision: b
     turns = [m for m in messages if m.role != "system"]
     if not turns:
         raise BadRequest("messages need at least one user message after the system message", param="messages")
+    offset = len(messages) - len(turns)  # the system message, if any, comes first
     for i, m in enumerate(turns):
         expected = "user" if i % 2 == 0 else "assistant"
         if m.role != expected:
             raise BadRequest(
-                f"roles must alternate user/assistant starting with user; message {messages.index(m)} is "
+                f"roles must alternate user/assistant starting with user; message {i + offset} is "
                 f"'{m.role}' where '{expected}' was expected",
                 param="messages",
             )

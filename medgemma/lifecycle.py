@@ -131,11 +131,18 @@ class ModelManager:
             self._set(ModelState.READY)
         log.info("model ready after %.1f s", self.load_seconds)
 
-    def unload(self, reason: str = "requested") -> bool:
-        """Stop the engine and free the model's memory (GPU memory too). True if something was unloaded."""
+    def unload(self, reason: str = "requested", *, idle_for: float | None = None) -> bool:
+        """Stop the engine and free the model's memory (GPU memory too). True if something was unloaded.
+
+        With ``idle_for``, unload only if the model is still idle that long and has no work, checked under the lock
+        that ``require`` takes, so a request that just passed the gate is never cut off."""
         with self._lock:
             if self.state is not ModelState.READY or self.engine is None:
                 return False
+            if idle_for is not None:
+                stats = self.engine.stats()
+                if stats.waiting or stats.running or time.monotonic() - self.last_used < idle_for:
+                    return False
             engine, self.engine, self.loaded = self.engine, None, None
             self._set(ModelState.UNLOADED)
         engine.stop(grace_s=0)
@@ -210,4 +217,4 @@ class ModelManager:
                 with self._lock:
                     self.last_used = time.monotonic()
             elif idle >= self.settings.idle_unload_s:
-                self.unload(reason=f"idle for {idle:.0f} s")
+                self.unload(reason=f"idle for {idle:.0f} s", idle_for=self.settings.idle_unload_s)

@@ -37,6 +37,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 OWN_ERROR_HEADER = b"x-medgemma-error"  # set on every error body this project writes; stripped before sending
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 OPEN_PATHS = ("/livez", "/readyz", "/healthz", "/metrics")
+_DOC_PATHS = frozenset({"/", "/docs", "/docs.json", "/schema.json"})
 
 
 def is_openai_path(path: str) -> bool:
@@ -54,6 +55,7 @@ class EdgeMiddleware:
         openai_path: Callable[[str], bool] = is_openai_path,
         on_response: Callable[[str, int], None] | None = None,
         json_paths: frozenset[str] = frozenset(),
+        open_prefixes: tuple[str, ...] = ("/static_content/",),
     ) -> None:
         self.app = app
         self.api_token = api_token.encode()
@@ -62,6 +64,7 @@ class EdgeMiddleware:
         self.openai_path = openai_path
         self.on_response = on_response
         self.json_paths = json_paths
+        self.open_prefixes = open_prefixes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -134,9 +137,12 @@ class EdgeMiddleware:
         return None
 
     def _is_open(self, path: str) -> bool:
-        if path in self.open_paths or path == "/" or path.endswith("/v1/health") or "/playground" in path:
+        """Probes, the API description and the playground page: exact paths and prefixes only, so no app name
+        (say `docs-bot` or `playground-x`) can open a model route by accident."""
+        if path in self.open_paths or path in _DOC_PATHS or path.startswith(self.open_prefixes):
             return True
-        return path.startswith(("/docs", "/schema.json", "/static_content", "/_internal"))
+        parts = path.split("/")
+        return len(parts) == 4 and parts[2] == "v1" and parts[3] == "health"  # /{app}/v1/health
 
     def _limited(self, receive: Receive, scope: Scope) -> Receive:
         seen = 0
@@ -177,7 +183,7 @@ async def _read_json_object(receive: Receive, scope: Scope) -> tuple[bytes, Serv
         return body, None
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
         return body, BadRequest("request body is not valid JSON")
     if not isinstance(data, dict):
         return body, BadRequest("request body must be a JSON object")

@@ -29,7 +29,7 @@ from medgemma.schemas import APIModel, GenerationParameters
 
 class OAIImageURL(APIModel):
     url: str
-    detail: Literal["auto", "low", "high"] | None = None
+    detail: Literal["auto"] | None = None  # images are always processed at the model's resolution
 
 
 class OAITextPart(APIModel):
@@ -68,7 +68,11 @@ class ChatCompletionRequest(APIModel):
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     top_k: Annotated[int, Field(ge=1)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0)] | None = None
-    stop: str | Annotated[list[str], Field(max_length=8)] | None = None
+    stop: (
+        Annotated[str, Field(max_length=256)]
+        | Annotated[list[Annotated[str, Field(max_length=256)]], Field(max_length=8)]
+        | None
+    ) = None
     seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
     n: Literal[1] | None = None
     stream: bool = False
@@ -86,6 +90,8 @@ class ChatCompletionRequest(APIModel):
             raise ValueError("max_tokens and max_completion_tokens disagree; send one of them")
         if not self.messages:
             raise ValueError("messages must contain at least one message")
+        if self.temperature == 0 and (self.top_p is not None or self.top_k is not None):
+            raise ValueError("temperature 0 means greedy decoding, which contradicts top_p/top_k")
         if (isinstance(self.stop, list) and any(s == "" for s in self.stop)) or self.stop == "":
             raise ValueError("stop strings must not be empty")
         return self
@@ -121,6 +127,8 @@ def to_generation_request(
     options = inputs.image_options(settings)
     messages: list[Message] = []
     for i, m in enumerate(req.messages):
+        if m.name is not None:  # Gemma's chat format has no participant names: refuse rather than drop it
+            raise BadRequest(f"messages[{i}].name is not supported by this model", param=f"messages[{i}].name")
         role = "system" if m.role in ("system", "developer") else m.role
         if m.content is None:
             if role != "assistant":
@@ -175,7 +183,7 @@ def fetch_image(url: str, settings: Settings, param: str) -> inputs.UploadedImag
                 if len(data) > limit:
                     raise PayloadTooLarge(f"{param}: the image at the URL is above {limit} bytes", param=param)
             return inputs.UploadedImage(bytes(data), resp.headers.get("content-type"))
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL, UnicodeError) as exc:
         raise BadRequest(f"{param}: the image URL could not be fetched ({type(exc).__name__})", param=param) from None
 
 

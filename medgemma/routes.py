@@ -63,11 +63,17 @@ def seed_app(core: Callable[[], MedGemmaCore]) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        return json_response(core().health())
+        try:
+            return json_response(core().health())
+        except Exception as exc:
+            return error_response(exc)
 
     @app.get("/models")
     async def models() -> Response:
-        return json_response(core().models())
+        try:
+            return json_response(core().models())
+        except Exception as exc:
+            return error_response(exc)
 
     app.include_router(openai_router(core, models=False))
     return app
@@ -105,7 +111,10 @@ def openai_router(core: Callable[[], MedGemmaCore], *, models: bool) -> APIRoute
 
         @router.get("/models")
         async def list_models() -> Response:
-            return json_response(core().models())
+            try:
+                return json_response(core().models())
+            except Exception as exc:
+                return error_response(exc, openai=True)
 
     return router
 
@@ -114,7 +123,7 @@ async def read_json(request: Request) -> Any:
     raw = await request.body()
     try:
         return json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
         raise BadRequest("request body is not valid JSON") from None
 
 

@@ -43,7 +43,7 @@ class ImageContent(APIModel):
 
 class ImageURL(APIModel):
     url: str
-    detail: str | None = None
+    detail: Literal["auto"] | None = None  # images are always processed at the model's resolution
 
 
 class ImageURLContent(APIModel):
@@ -74,6 +74,10 @@ class GenerationParameters(APIModel):
 
     @model_validator(mode="after")
     def _sampling_is_consistent(self) -> GenerationParameters:
+        sampling_knobs = [n for n in ("top_p", "top_k") if getattr(self, n) is not None]
+        if self.temperature == 0 and (sampling_knobs or self.do_sample):
+            what = ", ".join(sampling_knobs) or "do_sample: true"
+            raise ValueError(f"temperature 0 means greedy decoding, which contradicts {what}")
         if self.do_sample is False:
             given = [n for n in ("top_p", "top_k") if getattr(self, n) is not None]
             if self.temperature not in (None, 0):

@@ -34,7 +34,8 @@ def test_sigterm_drains(tiny_vlm, tmp_path):
         result: dict = {}
 
         def long_request() -> None:
-            r = httpx.post(f"{srv.url}/{app}/v1/generate", json={"text": "long", "max_new_tokens": 120}, timeout=120)
+            body = {"text": "long", "max_new_tokens": 1500}  # seconds of work, so SIGTERM lands mid-request
+            r = httpx.post(f"{srv.url}/{app}/v1/generate", json=body, timeout=120)
             result["status"] = r.status_code
             result["tokens"] = r.json().get("compute_metrics", {}).get("output_tokens")
 
@@ -53,7 +54,7 @@ def test_sigterm_drains(tiny_vlm, tmp_path):
         assert httpx.get(f"{srv.url}/readyz", timeout=10).status_code == 503
         assert health(srv.url, app)["status"] == "draining"
         t.join(120)
-        assert result == {"status": 200, "tokens": 120}
+        assert result == {"status": 200, "tokens": 1500}
         srv.proc.wait(timeout=60)
 
 

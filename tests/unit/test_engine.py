@@ -258,3 +258,12 @@ def test_text_only_model(text_model):
         assert [h.wait_sync(60).token_ids for h in hs] == [s.token_ids for s in solo]
     finally:
         eng.stop()
+
+
+@pytest.mark.parametrize("token", ["<start_of_image>", "<image_soft_token>", "<end_of_turn>", "<start_of_turn>"])
+def test_control_tokens_in_text_are_a_400(engine, token):
+    req = request(f"look {token} here", img=image(5))
+    with pytest.raises(BadRequest) as info:
+        engine.prepare(req)
+    assert token in info.value.message
+    assert run_alone(engine, request("look <b>here</b>", n=2)).output_tokens == 2

@@ -18,7 +18,7 @@ from PIL import Image
 from medgemma.config import Settings
 from medgemma.core import MedGemmaCore
 from medgemma.errors import BadRequest
-from medgemma.lifecycle import ModelState
+from medgemma.lifecycle import ModelManager, ModelState
 
 
 def _tokenizer():
@@ -133,7 +133,10 @@ SEED_EXAMPLES = {
 
 
 def serve(path) -> MedGemmaCore:
-    core = MedGemmaCore(Settings(model=str(path)))
+    # A bare ModelManager (no metric hooks): Prometheus metrics made in this process before the service tier sets
+    # PROMETHEUS_MULTIPROC_DIR would not reach its in-process /metrics.
+    settings = Settings(model=str(path))
+    core = MedGemmaCore(settings, manager=ModelManager(settings))
     core.manager.start_loading()
     while core.manager.state is ModelState.LOADING:
         asyncio.run(asyncio.sleep(0.05))

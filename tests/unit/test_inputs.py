@@ -392,7 +392,6 @@ def test_default_max_new_tokens_is_the_seeds_200():
         ({"top_k": 40}, True),
         ({"repetition_penalty": 1.1}, False),
         ({"do_sample": True}, True),
-        ({"do_sample": True, "temperature": 0}, False),
         ({"do_sample": False, "repetition_penalty": 1.3}, False),
     ],
 )

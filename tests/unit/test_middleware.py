@@ -77,3 +77,39 @@ def test_redaction_leaves_real_server_errors_alone():
     assert RedactRequestData().filter(record)
     assert record.levelname == "ERROR"
     assert record.exc_info is not None
+
+
+@pytest.mark.parametrize(
+    ("path", "open_"),
+    [
+        ("/livez", True),
+        ("/metrics", True),
+        ("/docs.json", True),
+        ("/myapp/v1/health", True),
+        ("/myapp/playground/", True),
+        ("/myapp/v1/generate", False),
+        ("/docs-bot/v1/generate", False),  # an app name must not open its own routes
+        ("/playground-x/v1/generate", False),
+        ("/x/v1/health/../generate", False),
+        ("/v1/chat/completions", False),
+    ],
+)
+def test_only_probes_docs_health_and_the_page_are_open(path, open_):
+    from medgemma.middleware import EdgeMiddleware
+
+    edge = EdgeMiddleware(None, api_token="t", open_prefixes=("/myapp/playground", "/static_content/"))
+    assert edge._is_open(path) is open_
+
+
+def test_deeply_nested_json_is_a_400_not_a_crash():
+    import asyncio
+
+    from medgemma.middleware import _read_json_object
+
+    body = b"[" * 200_000 + b"]" * 200_000
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    _, problem = asyncio.run(_read_json_object(receive, {"state": {}}))
+    assert problem is not None and problem.status_code == 400

@@ -126,9 +126,22 @@ BOUNDARIES = [
 
 def _with_sampling(field: str, value) -> dict:
     data = {"text": "q", field: value}
-    if field in ("temperature", "top_p", "top_k"):
-        data["do_sample"] = True
+    if field in ("top_p", "top_k") or (field == "temperature" and value != 0):
+        data["do_sample"] = True  # temperature 0 is greedy: it contradicts do_sample true (see below)
     return data
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"text": "q", "temperature": 0, "do_sample": True},
+        {"text": "q", "temperature": 0, "top_p": 0.9},
+        {"text": "q", "temperature": 0.0, "top_k": 5},
+    ],
+)
+def test_greedy_temperature_with_sampling_parameters_is_refused(data):
+    exc = refused(data)
+    assert "temperature 0 means greedy" in exc.message
 
 
 @pytest.mark.parametrize(("field", "value"), [(f, v) for f, ok, _ in BOUNDARIES for v in ok], ids=str)
