@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+DEMO_FORMAT = 1
+"""Bumped whenever the checkpoint layout or sizes change, so cached demo checkpoints are rebuilt, not reused."""
 DEMO_CONFIG_KEY = "medgemma_demo"
 """Extra config.json key (also in the VLM's text_config): ``{"size": ..., "kind": ..., "seed": ...}``."""
 
@@ -342,7 +344,8 @@ def build_checkpoint(path: str | Path, *, kind: Kind = "vlm", size: Size = "tiny
     started_ns = time.time_ns()
 
     tokenizer = build_tokenizer()
-    config = _model_config(kind, spec, tokenizer, {"size": size, "kind": kind, "seed": seed})
+    demo_info = {"size": size, "kind": kind, "seed": seed, "format": DEMO_FORMAT}
+    config = _model_config(kind, spec, tokenizer, demo_info)
     with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = _instantiate(kind, config)
@@ -605,6 +608,8 @@ def _is_valid_checkpoint(path: Path, kind: Kind, size: Size) -> bool:
     demo_info = config.get(DEMO_CONFIG_KEY) if isinstance(config, dict) else None
     if not isinstance(demo_info, dict) or demo_info.get("kind") != kind or demo_info.get("size") != size:
         return False
+    if demo_info.get("format") != DEMO_FORMAT:
+        return False  # built by an older version of this module: rebuild rather than serve a stale layout
     needed = ["model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"]
     needed += ["README.md", "processor_config.json"] if kind == "vlm" else ["README.md"]
     return all((path / name).is_file() for name in needed)

@@ -175,10 +175,20 @@ def test_generation_config_and_special_ids(fixture: str, request: pytest.Fixture
 def test_demo_key_survives_reload(vlm_dir: Path, text_dir: Path, vlm: tuple[Any, Any]) -> None:
     vlm_config = AutoConfig.from_pretrained(vlm_dir)
     text_config = AutoConfig.from_pretrained(text_dir)
-    assert getattr(vlm_config, demo.DEMO_CONFIG_KEY) == {"size": "tiny", "kind": "vlm", "seed": 0}
-    assert getattr(text_config, demo.DEMO_CONFIG_KEY) == {"size": "tiny", "kind": "text", "seed": 0}
+    assert getattr(vlm_config, demo.DEMO_CONFIG_KEY) == {
+        "size": "tiny",
+        "kind": "vlm",
+        "seed": 0,
+        "format": demo.DEMO_FORMAT,
+    }
+    assert getattr(text_config, demo.DEMO_CONFIG_KEY) == {
+        "size": "tiny",
+        "kind": "text",
+        "seed": 0,
+        "format": demo.DEMO_FORMAT,
+    }
     raw = json.loads((vlm_dir / "config.json").read_text(encoding="utf-8"))
-    assert raw[demo.DEMO_CONFIG_KEY] == {"size": "tiny", "kind": "vlm", "seed": 0}
+    assert raw[demo.DEMO_CONFIG_KEY] == {"size": "tiny", "kind": "vlm", "seed": 0, "format": demo.DEMO_FORMAT}
     assert demo.is_demo_checkpoint(vlm_config)
     assert demo.is_demo_checkpoint(vlm_config.get_text_config())
     assert demo.is_demo_checkpoint(text_config)
@@ -520,3 +530,13 @@ def test_small_vlm_runs_an_image_in_memory() -> None:
         logits = model(**inputs).logits
     assert logits.shape[-1] == len(tokenizer)
     assert torch.isfinite(logits).all()
+
+
+def test_a_checkpoint_of_an_older_format_is_rebuilt(tmp_path: Path) -> None:
+    path = demo.ensure_checkpoint("text", "tiny", root=tmp_path)
+    config_path = path / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config[demo.DEMO_CONFIG_KEY]["format"] = demo.DEMO_FORMAT - 1
+    config_path.write_text(json.dumps(config), encoding="utf-8")
+    rebuilt = demo.ensure_checkpoint("text", "tiny", root=tmp_path)
+    assert json.loads((rebuilt / "config.json").read_text())[demo.DEMO_CONFIG_KEY]["format"] == demo.DEMO_FORMAT
