@@ -358,7 +358,9 @@ def build_checkpoint(path: str | Path, *, kind: Kind = "vlm", size: Size = "tiny
     )
     model.save_pretrained(out)  # safetensors
     if kind == "vlm":
-        _build_processor(tokenizer, spec).save_pretrained(out)  # also saves the tokenizer and the template
+        build_processor(
+            tokenizer, image_size=spec.image_size, tokens_per_image=spec.mm_tokens_per_image
+        ).save_pretrained(out)  # also saves the tokenizer and the template
     else:
         tokenizer.save_pretrained(out)
 
@@ -569,7 +571,7 @@ def _post_init_weights(model: PreTrainedModel, tokenizer: GemmaTokenizer) -> Non
         model.get_input_embeddings().weight[rows] = 0.0
 
 
-def _build_processor(tokenizer: GemmaTokenizer, spec: _SizeSpec) -> Any:
+def build_processor(tokenizer: GemmaTokenizer, *, image_size: int, tokens_per_image: int) -> Any:
     """Gemma3Processor: the tokenizer plus a Gemma 3 image processor sized to the vision tower."""
     from transformers import Gemma3Processor
 
@@ -582,7 +584,7 @@ def _build_processor(tokenizer: GemmaTokenizer, spec: _SizeSpec) -> Any:
     else:
         from transformers import Gemma3ImageProcessor as image_processor_cls
     image_processor = image_processor_cls(
-        size={"height": spec.image_size, "width": spec.image_size},
+        size={"height": image_size, "width": image_size},
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
         do_resize=True,
@@ -595,7 +597,7 @@ def _build_processor(tokenizer: GemmaTokenizer, spec: _SizeSpec) -> Any:
         image_processor=image_processor,
         tokenizer=tokenizer,
         chat_template=CHAT_TEMPLATE,
-        image_seq_length=spec.mm_tokens_per_image,  # must equal the config's mm_tokens_per_image
+        image_seq_length=tokens_per_image,  # must equal the config's mm_tokens_per_image
     )
 
 

@@ -179,33 +179,10 @@ SMOKE_SHAPES: dict[str, Shape] = {
 
 def build_tokenizer_and_processor(shape: Shape) -> tuple[Any, Any, dict[str, int]]:
     """The demo tokenizer (1024 ids, real special-token layout) and a Gemma3Processor sized like ``shape``."""
-    from transformers import Gemma3Processor
-
     from medgemma import demo
 
     tokenizer = demo.build_tokenizer()
-    try:
-        import torchvision  # noqa: F401
-    except ImportError:
-        from transformers import Gemma3ImageProcessorPil as image_processor_cls
-    else:
-        from transformers import Gemma3ImageProcessor as image_processor_cls
-    image_processor = image_processor_cls(
-        size={"height": shape.image_size, "width": shape.image_size},
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-        do_resize=True,
-        do_rescale=True,
-        do_normalize=True,
-        do_convert_rgb=True,
-        do_pan_and_scan=False,
-    )
-    processor = Gemma3Processor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        chat_template=demo.CHAT_TEMPLATE,
-        image_seq_length=shape.mm_tokens,
-    )
+    processor = demo.build_processor(tokenizer, image_size=shape.image_size, tokens_per_image=shape.mm_tokens)
     tid = tokenizer.convert_tokens_to_ids
     ids = {
         "pad": tid(demo.PAD),

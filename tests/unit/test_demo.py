@@ -520,7 +520,7 @@ def test_small_vlm_runs_an_image_in_memory() -> None:
         model = demo._instantiate("vlm", config)
     n_params = sum(p.numel() for p in model.parameters())
     assert 25e6 < n_params < 45e6
-    processor = demo._build_processor(tokenizer, spec)
+    processor = demo.build_processor(tokenizer, image_size=spec.image_size, tokens_per_image=spec.mm_tokens_per_image)
     messages = [{"role": "user", "content": [{"type": "image", "image": _image(size=(300, 200))}]}]
     inputs = processor.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
