@@ -57,13 +57,25 @@ class Server:
 
 @contextlib.contextmanager
 def bentoml_serve(
-    env: dict[str, str], tmp_path: Path, *, port: int | None = None, ready_timeout: float = 120.0
+    env: dict[str, str],
+    tmp_path: Path,
+    *,
+    port: int | None = None,
+    pass_port: bool = True,
+    ready_timeout: float = 120.0,
 ) -> Iterator[Server]:
-    """Run `bentoml serve service:MedGemma` on a free port; yield once /readyz answers; always stop it."""
+    """Run `bentoml serve service:MedGemma` on a free port; yield once /readyz answers; always stop it.
+
+    ``pass_port=False`` starts it without ``-p`` (and without BENTOML_CONFIG*), expecting it on ``port`` anyway:
+    how the tests prove that configuration.yaml's port is applied by the service itself.
+    """
     port = port or free_port()
     log_path = tmp_path / f"serve-{port}.log"
+    inherited = {
+        k: v for k, v in os.environ.items() if pass_port or not k.startswith(("BENTOML_PORT", "BENTOML_CONFIG"))
+    }
     full_env = {
-        **os.environ,
+        **inherited,
         "BENTOML_HOME": str(tmp_path / "bentoml-home"),
         "BENTOML_DO_NOT_TRACK": "true",
         "HF_HUB_OFFLINE": "1",
@@ -72,7 +84,16 @@ def bentoml_serve(
     }
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "service:MedGemma", "-p", str(port), "--host", "127.0.0.1"],
+            [
+                sys.executable,
+                "-m",
+                "bentoml",
+                "serve",
+                "service:MedGemma",
+                *(["-p", str(port)] if pass_port else []),
+                "--host",
+                "127.0.0.1",
+            ],
             cwd=ROOT,
             env=full_env,
             stdout=log,

@@ -14,12 +14,8 @@ Three servers, each shared by the tests that need it (every start costs seconds)
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
-import os
 import re
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +26,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.conftest import ROOT, Server, bentoml_serve, free_port, wait_for_model
+from tests.conftest import bentoml_serve, free_port, wait_for_model
 
 pytestmark = pytest.mark.e2e
 
@@ -107,58 +103,6 @@ def assert_error(r: httpx.Response, status: int = 400) -> dict:
 # ------------------------------------------------------------------------------------------------ servers
 
 
-@contextlib.contextmanager
-def serve_without_port(env: dict[str, str], tmp: Path, expected_port: int) -> Iterator[Server]:
-    """`bentoml serve service:MedGemma` with no -p/--port and no BENTOML_CONFIG, expected on ``expected_port``."""
-    log_path = tmp / "serve.log"
-    full_env = {
-        **{
-            k: v for k, v in os.environ.items() if k not in ("BENTOML_PORT", "BENTOML_CONFIG", "BENTOML_CONFIG_OPTIONS")
-        },
-        "BENTOML_HOME": str(tmp / "bentoml-home"),
-        "BENTOML_DO_NOT_TRACK": "true",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONUNBUFFERED": "1",
-        **env,
-    }
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "service:MedGemma", "--host", "127.0.0.1"],
-            cwd=ROOT,
-            env=full_env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{expected_port}"
-    server = Server(url, proc, log_path)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            text = log_path.read_text(errors="replace")
-            if proc.poll() is not None:
-                raise AssertionError(f"bentoml serve exited with {proc.returncode}:\n{text[-4000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            listening = re.search(r"listening on https?://[^:\s]+:(\d+)", text)
-            if listening and int(listening.group(1)) != expected_port:
-                raise AssertionError(
-                    f"bentoml serve ignored services.MedGemma.http.port={expected_port} from configuration.yaml "
-                    f"and listens on {listening.group(1)}"
-                )
-            if time.monotonic() > deadline:
-                raise AssertionError(f"nothing answers on port {expected_port}:\n{text[-4000:]}")
-            time.sleep(0.3)
-        yield server
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def vlm(tiny_vlm: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
     tmp = tmp_path_factory.mktemp("seed-vlm")
@@ -210,7 +154,7 @@ def failed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace
     config = tmp / "configuration.yaml"
     config.write_text(f"services:\n  MedGemma:\n    http:\n      port: {port}\n    workers: 1\n")
     env = {"MEDGEMMA_MODEL": "/nonexistent/x", "MEDGEMMA_LOAD_RETRY_BACKOFF_S": "600", "MEDGEMMA_CONFIG": str(config)}
-    with serve_without_port(env, tmp, port) as srv:
+    with bentoml_serve(env, tmp, port=port, pass_port=False) as srv:
         health = wait_for_model(srv.url, "x")
         yield SimpleNamespace(url=srv.url, app="x", base=f"{srv.url}/x/v1", server=srv, health=health, port=port)
 
