@@ -14,7 +14,6 @@ Three servers, each shared by the tests that need it (every start costs seconds)
 from __future__ import annotations
 
 import base64
-import io
 import re
 import time
 from collections.abc import Iterator
@@ -27,37 +26,18 @@ import pytest
 from PIL import Image
 
 from tests.conftest import bentoml_serve, free_port, wait_for_model
+from tests.helpers import DEMO_MARK, METRIC_KEYS, SIX_PARAMETERS, assert_error, png_bytes, png_data_uri
 
 pytestmark = pytest.mark.e2e
 
-SIX_PARAMETERS = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
-METRIC_KEYS = (
-    "query_duration_seconds",
-    "replica_cpu_percent",
-    "replica_memory_mb",
-    "replica_gpu_memory_allocated_mb",
-    "replica_gpu_memory_reserved_mb",
-    "replica_gpu_memory_total_mb",
-    "replica_gpu_memory_used_mb",
-    "replica_gpu_utilization_percent",
-    "input_tokens",
-    "output_tokens",
-)
-DEMO_MARK = "random-weight demo"
 TIMEOUT = 60
 # traffic.timeout of the vlm server, from its configuration.yaml: far above any test request (< 2 s on a busy CPU),
 # far below a 4096-token generation (a minute on CPU).
 VLM_TIMEOUT_S = 6
 
 
-def png_bytes(colour=(90, 160, 30), size=(40, 32)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, colour).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-PNG = png_bytes()
-PNG_URI = "data:image/png;base64," + base64.b64encode(PNG).decode()
+PNG = png_bytes((90, 160, 30), (40, 32))
+PNG_URI = png_data_uri(PNG)
 
 
 def post(url: str, body: Any = None, **kw: Any) -> httpx.Response:
@@ -84,19 +64,6 @@ def assert_success(r: httpx.Response, max_new_tokens: int, app: str) -> dict:
     assert metrics["query_duration_seconds"] > 0
     assert metrics["input_tokens"] > 0
     assert 1 <= metrics["output_tokens"] <= max_new_tokens
-    return body
-
-
-def assert_error(r: httpx.Response, status: int = 400) -> dict:
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].startswith("application/json")
-    body = r.json()
-    assert isinstance(body, dict), body  # an object, never BentoML's list
-    assert body["status"] == "error"
-    assert isinstance(body["error"], str)
-    assert body["error"]
-    assert "Traceback" not in r.text
-    assert 'File "' not in r.text
     return body
 
 

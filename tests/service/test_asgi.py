@@ -7,7 +7,6 @@ fresh ``service`` module, and puts everything back afterwards. One model load se
 from __future__ import annotations
 
 import asyncio
-import base64
 import importlib
 import io
 import os
@@ -22,31 +21,13 @@ import pytest
 from PIL import Image
 from starlette.testclient import TestClient
 
-SIX_PARAMETERS = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
-METRIC_KEYS = (
-    "query_duration_seconds",
-    "replica_cpu_percent",
-    "replica_memory_mb",
-    "replica_gpu_memory_allocated_mb",
-    "replica_gpu_memory_reserved_mb",
-    "replica_gpu_memory_total_mb",
-    "replica_gpu_memory_used_mb",
-    "replica_gpu_utilization_percent",
-    "input_tokens",
-    "output_tokens",
-)
+from tests.helpers import DEMO_MARK, METRIC_KEYS, SIX_PARAMETERS, assert_error, png_bytes, png_data_uri
+
 GPU_KEYS = [k for k in METRIC_KEYS if "gpu" in k]
-DEMO_MARK = "random-weight demo"
 
 
-def png_bytes(colour=(180, 40, 40), size=(24, 20)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, colour).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-PNG = png_bytes()
-PNG_URI = "data:image/png;base64," + base64.b64encode(PNG).decode()
+PNG = png_bytes((180, 40, 40), (24, 20))
+PNG_URI = png_data_uri(PNG)
 
 
 @pytest.fixture(scope="module")
@@ -130,17 +111,6 @@ def assert_success(body: dict, max_new_tokens: int) -> None:
         no_gpu = True
     if no_gpu:
         assert all(metrics[k] is None for k in GPU_KEYS if k != "replica_gpu_memory_total_mb"), metrics
-
-
-def assert_error(r: Any, status: int = 400) -> dict:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert isinstance(body, dict), body  # never BentoML's list-shaped error
-    assert body["status"] == "error"
-    assert isinstance(body["error"], str)
-    assert body["error"]
-    assert "Traceback" not in r.text
-    return body
 
 
 # ------------------------------------------------------------------------------------------------ routes and app name
