@@ -622,7 +622,7 @@ class Engine:
     def _send(row: _Row, text: str) -> None:
         if text:
             row.emitted += text
-            row.handle._emit(TokenDelta(text, []))
+            row.handle._emit(TokenDelta(text))
 
     def _complete(self, row: _Row) -> None:
         finish: FinishReason = row.finish or ("cancelled" if row.handle.cancelled.is_set() else "length")

@@ -161,6 +161,11 @@ class EdgeMiddleware:
         return wrapped
 
 
+def scope_request_id(scope: Scope) -> str | None:
+    """The request id this middleware put into the ASGI scope (for routes and BentoML APIs alike)."""
+    return scope.get("state", {}).get("request_id")
+
+
 def _is_json(headers: dict[bytes, bytes]) -> bool:
     media_type = headers.get(b"content-type", b"application/json").split(b";")[0].strip().lower()
     return media_type in (b"application/json", b"")

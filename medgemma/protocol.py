@@ -137,7 +137,6 @@ class GenerationResult:
 
 @dataclass
 class TokenDelta:
-    """A piece of streamed text (possibly empty while a multi-byte character is incomplete)."""
+    """A piece of streamed text, sent as soon as it decodes to whole characters (and cannot start a stop string)."""
 
     text: str
-    token_ids: list[int]

@@ -18,7 +18,7 @@ from starlette.requests import ClientDisconnect
 
 from medgemma.core import ClientGone, MedGemmaCore
 from medgemma.errors import BadRequest, InternalError, ServiceError, error_body
-from medgemma.middleware import OWN_ERROR_HEADER
+from medgemma.middleware import OWN_ERROR_HEADER, scope_request_id
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def openai_router(core: Callable[[], MedGemmaCore], *, models: bool) -> APIRoute
     async def chat_completions(request: Request) -> Response:
         try:
             payload = await read_json(request)
-            rid = request_id(request)
+            rid = scope_request_id(request.scope)
             if isinstance(payload, dict) and payload.get("stream") is True:
                 events = await core().chat_completion_stream(payload, request_id=rid)
                 return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
@@ -125,7 +125,3 @@ async def read_json(request: Request) -> Any:
         return json.loads(raw)
     except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
         raise BadRequest("request body is not valid JSON") from None
-
-
-def request_id(request: Request) -> str | None:
-    return request.scope.get("state", {}).get("request_id")
