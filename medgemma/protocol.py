@@ -7,7 +7,7 @@ it. Nothing here imports torch, transformers or BentoML.
 from __future__ import annotations
 
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from PIL import Image
@@ -130,9 +130,6 @@ class GenerationResult:
     output_tokens: int
     timings: Timings = field(default_factory=Timings)
     token_ids: list[int] = field(default_factory=list)
-
-    def timing_dict(self) -> dict[str, Any]:
-        return asdict(self.timings)
 
 
 @dataclass
