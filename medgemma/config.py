@@ -72,6 +72,18 @@ class Settings:
     max_new_tokens_cap: int = setting(4096, "Largest `max_new_tokens` a request may ask for.")
     max_batch_size: int = setting(16, "Most sequences decoded together in one forward pass.")
     max_queue: int = setting(256, "Most requests waiting for a batch slot; more are answered 429.")
+    kv_cache_mb: int = setting(
+        0,
+        "KV cache pool size in MiB; 0 = 85 % of the GPU memory free after loading, or 2048 on CPU. Requests wait "
+        "for room in it; one that could never fit is a 400.",
+    )
+    kv_block_size: int = setting(16, "Tokens per KV cache block (the paging unit).")
+    prefill_chunk_tokens: int = setting(
+        512, "Longest prompt chunk read in one step; a prompt is read in chunks (never splitting an image)."
+    )
+    prefill_share: float = setting(
+        0.5, "While requests are decoding, prompt chunks may add at most this fraction to a step's measured time."
+    )
 
     # --- inputs and limits ---------------------------------------------------------------------------------------
     max_body_bytes: int = setting(128 * 1024 * 1024, "Largest request body; larger bodies get 413.")
@@ -115,6 +127,8 @@ class Settings:
             "max_new_tokens_cap",
             "max_batch_size",
             "max_queue",
+            "kv_block_size",
+            "prefill_chunk_tokens",
             "max_body_bytes",
             "max_image_bytes",
             "max_image_pixels",
@@ -124,6 +138,10 @@ class Settings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{self.env_name(name)} must be at least 1")
+        if self.kv_cache_mb < 0:
+            raise ValueError("MEDGEMMA_KV_CACHE_MB must be 0 (automatic) or a size in MiB")
+        if not 0 < self.prefill_share <= 10:
+            raise ValueError("MEDGEMMA_PREFILL_SHARE must be above 0 and at most 10")
         if self.default_max_new_tokens > self.max_new_tokens_cap:
             raise ValueError("MEDGEMMA_DEFAULT_MAX_NEW_TOKENS must not exceed MEDGEMMA_MAX_NEW_TOKENS_CAP")
         if self.app_name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.app_name):

@@ -59,6 +59,7 @@ class MedGemmaCore:
         metrics = Metrics.get()
         metrics.waiting.set(stats.waiting)
         metrics.running.set(stats.running)
+        metrics.set_kv(stats.kv)
 
     def count_response(self, route: str, status: int) -> None:
         """Called by the edge middleware once per answered request."""
@@ -291,7 +292,12 @@ class MedGemmaCore:
             body["loading_error"] = m.error
         if engine is not None:
             st = engine.stats()
-            body["engine"] = {"waiting": st.waiting, "running": st.running, "max_batch_size": engine.max_batch_size}
+            body["engine"] = {
+                "waiting": st.waiting,
+                "running": st.running,
+                "max_batch_size": engine.max_batch_size,
+                "kv_cache": st.kv,
+            }
         if m.load_seconds is not None:
             body["load_seconds"] = round(m.load_seconds, 2)
         return body

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
+from medgemma.chat_template import CHAT_TEMPLATE
+
 if TYPE_CHECKING:
     from transformers import GemmaTokenizer, PreTrainedModel
 
@@ -203,42 +205,6 @@ _SIZES: dict[Size, _SizeSpec] = {
 # image parts ("image" or "image_url") become <start_of_image>, which the processor expands; text parts are
 # trimmed; roles must alternate user/model. Stricter than Google's in two ways: a system message anywhere
 # but first, and an unknown part type, raise instead of being written as a turn or dropped silently.
-CHAT_TEMPLATE = (
-    "{%- macro render(content) -%}"
-    "{%- if content is string -%}{{ content | trim }}"
-    "{%- elif content is iterable and content is not mapping -%}"
-    "{%- for part in content -%}"
-    "{%- if part['type'] in ['image', 'image_url'] -%}{{ '<start_of_image>' }}"
-    "{%- elif part['type'] == 'text' -%}{{ part['text'] | trim }}"
-    "{%- else -%}{{ raise_exception('Unsupported content part type: ' + part['type'] | string) }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- elif content is none -%}"
-    "{%- else -%}{{ raise_exception('Message content must be a string or a list of parts') }}"
-    "{%- endif -%}"
-    "{%- endmacro -%}"
-    "{{ '<bos>' }}"
-    "{%- if messages and messages[0]['role'] == 'system' -%}"
-    "{%- set first_user_prefix = render(messages[0]['content']) + '\n\n' -%}"
-    "{%- set loop_messages = messages[1:] -%}"
-    "{%- else -%}"
-    "{%- set first_user_prefix = '' -%}"
-    "{%- set loop_messages = messages -%}"
-    "{%- endif -%}"
-    "{%- for message in loop_messages -%}"
-    "{%- set expected = 'user' if loop.index0 % 2 == 0 else 'model' -%}"
-    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
-    "{%- if role != expected -%}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/... "
-    "after an optional system message') }}"
-    "{%- endif -%}"
-    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
-    "{{ render(message['content']) }}"
-    "{{ '<end_of_turn>\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
-)
-
 _README = """\
 # {name}: random-weight MedGemma demo checkpoint
 

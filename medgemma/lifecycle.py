@@ -111,6 +111,10 @@ class ModelManager:
                 loaded,
                 max_batch_size=self.settings.max_batch_size,
                 max_queue=self.settings.max_queue,
+                kv_cache_bytes=self.settings.kv_cache_mb * 2**20 or None,
+                kv_block_size=self.settings.kv_block_size,
+                prefill_chunk_tokens=self.settings.prefill_chunk_tokens,
+                prefill_share=self.settings.prefill_share,
                 on_finish=self._on_finish,
                 on_stats=self._on_stats,
             )

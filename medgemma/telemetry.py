@@ -153,6 +153,18 @@ class Metrics:
         self.running = Gauge("medgemma_requests_running", "Requests in the running batch", **live)
         self.model_state = Gauge("medgemma_model_state", "1 for the model's current state", ["state"], **latest)
         self.load_duration = Gauge("medgemma_model_load_duration_seconds", "Duration of the last load", **latest)
+        self.kv_blocks = Gauge(
+            "medgemma_kv_cache_blocks",
+            "KV cache blocks by pool (full/sliding attention layers) and state (used/free/reserved/total)",
+            ["pool", "state"],
+            **live,
+        )
+        self.kv_capacity = Gauge("medgemma_kv_cache_capacity_tokens", "Tokens of context the KV pool holds", **live)
+        self.preemptions = Gauge(
+            "medgemma_kv_cache_preemptions",
+            "Running requests preempted for KV space (0 by design: admission reserves each request's blocks)",
+            **live,
+        )
 
     @classmethod
     def get(cls) -> Metrics:
@@ -173,6 +185,18 @@ class Metrics:
             self.e2e.observe(t.total_s)
             if result.output_tokens > 1 and t.time_to_first_token_s is not None:
                 self.inter_token.observe((t.total_s - t.time_to_first_token_s) / (result.output_tokens - 1))
+
+    def set_kv(self, kv: dict[str, Any]) -> None:
+        """Gauges from ``Engine.stats().kv``."""
+        for pool in ("full", "sliding"):
+            if pool in kv:
+                p = kv[pool]
+                for state, key in (("used", "blocks_used"), ("free", "blocks_free"), ("reserved", "blocks_reserved")):
+                    self.kv_blocks.labels(pool=pool, state=state).set(p[key])
+                self.kv_blocks.labels(pool=pool, state="total").set(p["blocks_total"])
+        if "capacity_tokens" in kv:
+            self.kv_capacity.set(kv["capacity_tokens"])
+        self.preemptions.set(kv.get("preemptions", 0))
 
     def set_state(self, state: str) -> None:
         for s in MODEL_STATES:

@@ -197,54 +197,88 @@ def test_prompt_longer_than_context_is_a_clear_400(engine):
     assert str(ctx) in info.value.message and "max_new_tokens" in info.value.message
 
 
+def outcome(handle):
+    try:
+        return handle.wait_sync(60).output_tokens
+    except Exception as exc:
+        return type(exc).__name__
+
+
 def test_fault_in_one_prefill_fails_only_that_request(engine):
     """An exception while prefilling a batch fails only the request that causes it, not its batch mates."""
     bad = request("poison", n=5)
 
-    def inject(phase: str) -> None:
-        if phase == "prefill" and any(h.prepared.request_id == bad.request_id for h in current):
+    def inject(phase: str, ids: list[str]) -> None:
+        if phase == "prefill" and bad.request_id in ids:
             raise RuntimeError("injected fault")
 
-    current: list = []
-    original = engine._prefill_group
-
-    def tracking(handles):
-        current[:] = handles
-        return original(handles)
-
-    engine._prefill_group = tracking
     engine.fault_injector = inject
     try:
         handles = [engine.submit(engine.prepare(r)) for r in (request("ok one", n=5), bad, request("ok two", n=5))]
-        outcomes = []
-        for h in handles:
-            try:
-                outcomes.append(h.wait_sync(60).output_tokens)
-            except Exception as exc:
-                outcomes.append(type(exc).__name__)
+        outcomes = [outcome(h) for h in handles]
     finally:
         engine.fault_injector = None
-        engine._prefill_group = original
     assert outcomes == [5, "InternalError", 5]
+    assert [h.finish_calls for h in handles] == [1, 1, 1]
     assert run_alone(engine, request("after", n=3)).output_tokens == 3
 
 
-def test_out_of_memory_in_decode_fails_the_batch_with_503_and_engine_recovers(engine):
+@pytest.mark.parametrize("when", ["first token", "decode"])
+def test_sampler_fault_fails_only_its_row_and_finishes_every_handle_once(engine, when):
+    """One row's sampling raising (after a batched prefill, or mid-decode) fails that row alone.
+
+    The engine before the paged rewrite failed the whole batch here and finished handles twice."""
+    reqs = [request(f"row {i}", n=12) for i in range(4)]
+    bad = reqs[1]
+    solo = [run_alone(engine, r).token_ids for r in reqs]
+    seen = {"n": 0}
+
+    def inject(phase: str, ids: list[str]) -> None:
+        if phase == "sample" and ids == [bad.request_id]:
+            seen["n"] += 1
+            if (when == "first token" and seen["n"] == 1) or (when == "decode" and seen["n"] == 5):
+                raise RuntimeError("injected sampler fault")
+
+    engine.fault_injector = inject
+    try:
+        handles = [engine.submit(engine.prepare(r)) for r in reqs]
+        outcomes = [outcome(h) for h in handles]
+    finally:
+        engine.fault_injector = None
+    assert outcomes == [12, "InternalError", 12, 12]
+    assert [h.finish_calls for h in handles] == [1, 1, 1, 1]
+    for i in (0, 2, 3):
+        assert handles[i].result.token_ids == solo[i]
+    assert engine.stats().running == 0
+    assert all(p["blocks_reserved"] == 0 for k, p in engine.stats().kv.items() if isinstance(p, dict))
+
+
+def test_out_of_memory_in_decode_fails_only_the_row_that_cannot_run(engine):
+    """OOM in a batched decode step: the rows are retried one by one and only the one that fails alone fails (503)."""
+    big = request("oom", n=10)
+    others = [request("fine one", n=10), request("fine two", n=10)]
     fired = threading.Event()
 
-    def inject(phase: str) -> None:
-        if phase == "decode" and not fired.is_set():
+    def inject(phase: str, ids: list[str]) -> None:
+        if phase == "decode" and big.request_id in ids and len(ids) > 1:
             fired.set()
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        if phase == "decode" and ids == [big.request_id] and fired.is_set():
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
     engine.fault_injector = inject
     try:
-        with pytest.raises(EngineUnavailable) as info:
-            run_alone(engine, request("oom", n=10))
+        handles = [engine.submit(engine.prepare(r)) for r in (others[0], big, others[1])]
+        errors = []
+        for h in handles:
+            try:
+                errors.append(h.wait_sync(60).output_tokens)
+            except EngineUnavailable as exc:
+                errors.append((exc.status_code, "out of memory" in exc.message))
     finally:
         engine.fault_injector = None
-    assert info.value.status_code == 503
-    assert "out of memory" in info.value.message
+    assert fired.is_set()
+    assert errors == [10, (503, True), 10]
     assert run_alone(engine, request("after oom", n=4)).output_tokens == 4
 
 

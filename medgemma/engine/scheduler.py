@@ -1,0 +1,543 @@
+"""The engine: one thread owns the model and runs steps over every admitted request. No BentoML in here.
+
+Why our own loop: ``generate()`` serves one batch start to end, and transformers' continuous batching takes token
+ids only (no pixel values), so neither batches image+text requests that arrive at different times.
+
+A **step** is one decode forward over every decoding row (one token each), then one prefill forward over chunks of
+the rows still reading their prompts. Both run on packed tokens over the paged KV cache (``attention.py``,
+``kv_cache.py``), so rows of any length share a pass without padding each other.
+
+**Chunked prefill with decode priority.** A prompt is read in chunks, never splitting an image (Gemma 3 attends
+bidirectionally inside an image). With nobody decoding a chunk is up to ``prefill_chunk_tokens``; while rows are
+decoding, the chunk is sized so that it adds at most ``prefill_share`` to the step's time, from the measured cost of
+a decode step and of a prefill token (moving averages). On a compute-bound CPU a fixed token budget would either stall
+every decoding row behind a long prompt or starve the prompt; measured time does neither, on any hardware. Among rows
+waiting to prefill, the one with the fewest prompt tokens left goes first, so a short chat arriving next to a
+22K-token CT study starts answering at once while the study keeps its share.
+
+**Faults stay in their row.** A failed forward is retried row by row (paged K/V writes go to fixed slots, so redoing
+a row's step is harmless); only rows that fail alone fail, out-of-memory ones with a 503. A sampler error fails its
+row only. Every handle finishes exactly once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from medgemma.engine import attention
+from medgemma.engine.attention import Chunk
+from medgemma.engine.handle import RequestHandle
+from medgemma.engine.kv_cache import KVLayout, PagedKVCache, RowKV
+from medgemma.engine.prepare import PreparedRequest, Preparer
+from medgemma.engine.sampling import SampleInput, make_generator, partial_stop_suffix, sample
+from medgemma.errors import BadRequest, EngineUnavailable, InternalError, Overloaded, ServiceError
+from medgemma.loader import LoadedModel
+from medgemma.protocol import FinishReason, GenerationRequest, GenerationResult, Timings, TokenDelta
+
+log = logging.getLogger(__name__)
+
+_MIN_CHUNK = 16  # a prompt always advances at least this much per step
+_EMA = 0.2
+
+
+@dataclass
+class EngineStats:
+    waiting: int
+    running: int
+    steps: int
+    requests_finished: int
+    kv: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Row:
+    handle: RequestHandle
+    prepared: PreparedRequest
+    kv: RowKV
+    admitted_at: float
+    generator: torch.Generator | None
+    spans: list[tuple[int, int]]
+    image_groups: torch.Tensor | None
+    cached: int = 0  # positions whose K/V are in the cache
+    generated: list[int] = field(default_factory=list)
+    first_token_at: float | None = None
+    # incremental detokenization (prefix/read offsets, as TGI and vLLM do it)
+    prefix_offset: int = 0
+    read_offset: int = 0
+    emitted: str = ""
+    held: str = ""  # decoded text withheld because it may be the start of a stop string
+    finish: FinishReason | None = None
+
+    @property
+    def n_input(self) -> int:
+        return self.prepared.n_input
+
+    @property
+    def params(self) -> Any:
+        return self.prepared.params
+
+    @property
+    def prefilling(self) -> bool:
+        return self.cached < self.n_input
+
+    def sample_input(self) -> SampleInput:
+        return SampleInput(self.params, self.prepared.input_ids, self.generated, self.generator)
+
+
+class Engine:
+    """Owns a loaded model; batches every submitted request through shared forward passes."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        max_batch_size: int = 16,
+        max_queue: int = 256,
+        kv_cache_bytes: int | None = None,
+        kv_block_size: int = 16,
+        prefill_chunk_tokens: int = 512,
+        prefill_share: float = 0.5,
+        on_finish: Callable[[RequestHandle], None] | None = None,
+        on_stats: Callable[[EngineStats], None] | None = None,
+    ) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.device = torch.device(loaded.device)
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.prefill_chunk_tokens = max(prefill_chunk_tokens, _MIN_CHUNK)
+        self.prefill_share = prefill_share
+        self.on_finish = on_finish
+        self.on_stats = on_stats
+        self.eos_ids = set(_eos_ids(loaded))
+        self.context_length = _context_length(loaded.config)
+        self.preparer = Preparer(loaded, context_length=self.context_length)
+        attention.install(self.model)
+        layout = KVLayout.from_model(self.model)
+        self.kv = PagedKVCache(
+            layout,
+            budget_bytes=kv_cache_bytes or default_kv_budget(layout, self.device),
+            block_size=kv_block_size,
+            max_rows=max_batch_size,
+            max_chunk=self.prefill_chunk_tokens,
+        )
+        self._waiting: deque[RequestHandle] = deque()
+        self._rows: list[_Row] = []
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._draining = False
+        self._thread: threading.Thread | None = None
+        self._published: tuple[int, ...] = ()
+        self._t_decode: float | None = None  # moving average of a decode step's seconds
+        self._t_prefill_token: float | None = None  # moving average of seconds per prefilled token
+        self.steps = 0
+        self.finished = 0
+        self.fault_injector: Callable[[str, list[str]], None] | None = None  # tests: ("prefill"|"decode"|"sample", ids)
+
+    # -- lifecycle
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="medgemma-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, grace_s: float = 0.0) -> None:
+        """Stop taking requests; let running ones finish for ``grace_s``, then cancel the rest."""
+        with self._cv:
+            self._draining = True
+            self._cv.notify_all()
+        deadline = time.monotonic() + grace_s
+        while grace_s > 0 and time.monotonic() < deadline and (self._waiting or self._rows):
+            time.sleep(0.02)
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(len(self._waiting), len(self._rows), self.steps, self.finished, self.kv.stats())
+
+    def _publish(self) -> None:
+        """Report queue, batch and KV block counts (Prometheus gauges) when they change."""
+        if self.on_stats is None:
+            return
+        now = (len(self._waiting), len(self._rows), *(p.used for p in self.kv.pools.values()))
+        if now != self._published:
+            self._published = now
+            with contextlib.suppress(Exception):
+                self.on_stats(self.stats())
+
+    # -- caller side
+    def prepare(self, req: GenerationRequest) -> PreparedRequest:
+        """Chat template + processor → tensors. Runs on the caller's thread; raises BadRequest for bad prompts."""
+        prepared = self.preparer.prepare(req)
+        total = prepared.n_input + prepared.params.max_new_tokens
+        if not self.kv.fits_ever(total, _longest(prepared.image_spans())):
+            raise BadRequest(
+                f"the prompt ({prepared.n_input} tokens) plus max_new_tokens ({prepared.params.max_new_tokens}) "
+                f"needs more KV cache than this server has ({self.kv.capacity_tokens} tokens); lower max_new_tokens "
+                "or send a shorter prompt",
+                param="max_new_tokens",
+            )
+        return prepared
+
+    def submit(self, prepared: PreparedRequest, *, stream: bool = True) -> RequestHandle:
+        """Queue a prepared request. ``stream=False`` skips per-token text events (only the result is wanted)."""
+        handle = RequestHandle(prepared, stream=stream)
+        with self._cv:
+            if self._draining or self._stopping:
+                raise EngineUnavailable("the server is shutting down; retry on another replica", retry_after=5)
+            if len(self._waiting) >= self.max_queue:
+                raise Overloaded(
+                    f"the generation queue is full ({self.max_queue} waiting); retry shortly", retry_after=2
+                )
+            self._waiting.append(handle)
+            self._cv.notify_all()
+        self._publish()
+        return handle
+
+    # -- engine thread
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cv:
+                while not self._stopping and not self._waiting and not self._rows:
+                    self._cv.wait(timeout=0.5)
+                if self._stopping:
+                    break
+                self._admit()
+            self._publish()
+            try:
+                self._step()
+            except Exception:  # pragma: no cover - the per-phase handlers catch what they can explain
+                log.exception("engine step failed")
+                for row in list(self._rows):
+                    self._fail(row, InternalError())
+            self._publish()
+        shutdown = EngineUnavailable("the server is shutting down; retry on another replica", retry_after=5)
+        for row in list(self._rows):
+            self._fail(row, shutdown)
+        with self._cv:
+            while self._waiting:
+                self._waiting.popleft()._finish(None, shutdown)
+
+    def _admit(self) -> None:
+        """First come, first served, while a batch slot and the KV blocks for the whole request are free."""
+        while self._waiting and len(self._rows) < self.max_batch_size:
+            h = self._waiting[0]
+            if h.cancelled.is_set():
+                self._waiting.popleft()
+                self._complete_cancelled(h)
+                continue
+            p = h.prepared
+            spans = p.image_spans()
+            kv = self.kv.admit(p.n_input + p.params.max_new_tokens, _longest(spans))
+            if kv is None:
+                break  # waits for blocks; later requests wait behind it, so a long one is not starved
+            self._waiting.popleft()
+            groups = None
+            if spans:
+                groups = torch.full((p.n_input,), -1, dtype=torch.long)
+                for i, (s, e) in enumerate(spans):
+                    groups[s:e] = i
+            self._rows.append(
+                _Row(
+                    handle=h,
+                    prepared=p,
+                    kv=kv,
+                    admitted_at=time.perf_counter(),
+                    generator=make_generator(p.params, self.device),
+                    spans=spans,
+                    image_groups=groups,
+                )
+            )
+
+    def _step(self) -> None:
+        for row in [r for r in self._rows if r.handle.cancelled.is_set()]:
+            self._complete(row)
+        decoding = [r for r in self._rows if not r.prefilling]
+        if decoding:
+            t0 = time.perf_counter()
+            self._forward_rows("decode", [(r, r.cached, r.cached + 1) for r in decoding])
+            self._t_decode = _ema(self._t_decode, time.perf_counter() - t0)
+            self.steps += 1
+        chunks = self._prefill_chunks(bool(decoding))
+        if chunks:
+            t0 = time.perf_counter()
+            self._forward_rows("prefill", chunks)
+            n = sum(e - s for _, s, e in chunks)
+            self._t_prefill_token = _ema(self._t_prefill_token, (time.perf_counter() - t0) / n)
+
+    def _chunk_budget(self, decoding: bool) -> int:
+        if not decoding:
+            return self.prefill_chunk_tokens
+        if self._t_decode is None or self._t_prefill_token is None:
+            return _MIN_CHUNK
+        budget = self.prefill_share * self._t_decode / self._t_prefill_token
+        return int(min(max(budget, _MIN_CHUNK), self.prefill_chunk_tokens))
+
+    def _prefill_chunks(self, decoding: bool) -> list[tuple[_Row, int, int]]:
+        """This step's prompt chunks: fewest tokens left first, within the budget, never splitting an image."""
+        waiting = sorted((r for r in self._rows if r.prefilling), key=lambda r: r.n_input - r.cached)
+        budget = self._chunk_budget(decoding)
+        out: list[tuple[_Row, int, int]] = []
+        for row in waiting:
+            if budget <= 0:
+                break
+            start = row.cached
+            end = min(row.n_input, start + budget)
+            for s, e in row.spans:
+                if s < end < e:  # the chunk would end inside an image: stop before it, or take it whole
+                    end = s if s > start else e
+                    break
+            if end <= start or (out and end - start > budget):
+                continue
+            out.append((row, start, end))
+            budget -= end - start
+        return out
+
+    def _forward_rows(self, phase: str, work: list[tuple[_Row, int, int]]) -> None:
+        """One packed forward for ``work``; on failure, each row alone, so only the rows that fail alone fail."""
+        try:
+            logits = self._forward(phase, work)
+        except Exception as exc:
+            _free_memory()
+            if len(work) == 1:
+                self._fail(work[0][0], _as_service_error(exc))
+                return
+            log.warning("%s step failed (%s); retrying %d requests one by one", phase, type(exc).__name__, len(work))
+            for item in work:
+                self._forward_rows(phase, [item])
+            return
+        self._after_forward(work, logits)
+
+    def _forward(self, phase: str, work: list[tuple[_Row, int, int]]) -> torch.Tensor:
+        if self.fault_injector:
+            self.fault_injector(phase, [r.handle.request_id for r, _, _ in work])
+        ids: list[torch.Tensor] = []
+        chunks: list[Chunk] = []
+        pixels: list[torch.Tensor] = []
+        keep: list[int] = []
+        offset = 0
+        for row, start, end in work:
+            self.kv.extend(row.kv, start, end)
+            if start < row.n_input:
+                ids.append(row.prepared.input_ids[start:end])
+                images = [i for i, (s, e) in enumerate(row.spans) if start <= s and e <= end]
+                if images:
+                    assert row.prepared.pixel_values is not None
+                    pixels.append(row.prepared.pixel_values[images[0] : images[-1] + 1])
+                chunks.append(Chunk(row.kv, start, end, row.image_groups if images else None))
+            else:
+                ids.append(torch.tensor([row.generated[-1]]))
+                chunks.append(Chunk(row.kv, start, end))
+            offset += end - start
+            if end >= row.n_input:
+                keep.append(offset - 1)
+        position_ids = torch.cat([torch.arange(c.start, c.end) for c in chunks])
+        kwargs: dict[str, Any] = {}
+        if pixels:
+            kwargs["pixel_values"] = torch.cat(pixels).to(self.device, self.model.dtype)
+        if not keep:  # a step of prompt chunks only: no token is chosen, so compute one logit and drop it
+            keep = [offset - 1]
+        out = self.model(
+            input_ids=torch.cat(ids)[None].to(self.device),
+            position_ids=position_ids[None].to(self.device),
+            attention_mask=attention.build_plans(self.kv, chunks, self.device),
+            use_cache=False,
+            logits_to_keep=torch.tensor(keep, device=self.device),
+            **kwargs,
+        )
+        return out.logits[0].float()
+
+    def _after_forward(self, work: list[tuple[_Row, int, int]], logits: torch.Tensor) -> None:
+        choosing: list[_Row] = []
+        for row, _start, end in work:
+            row.cached = end
+            self.kv.trim(row.kv, end)  # between steps a sliding layer holds the window, not the chunk behind it
+            if end >= row.n_input:
+                choosing.append(row)
+                if row.prepared.pixel_values is not None:
+                    row.prepared.pixel_values = None  # the prompt is read: free the image tensors
+        if not choosing:
+            return
+        ids = [r.handle.request_id for r in choosing]
+        check = (lambda i: self.fault_injector("sample", [ids[i]])) if self.fault_injector else None  # type: ignore[misc]
+        tokens = sample([r.sample_input() for r in choosing], logits[: len(choosing)], check=check)
+        now = time.perf_counter()
+        for row, tok in zip(choosing, tokens, strict=True):
+            if isinstance(tok, BaseException):
+                log.error("sampling failed for one request: %s", type(tok).__name__)
+                self._fail(row, _as_service_error(tok))
+                continue
+            if row.first_token_at is None:
+                row.first_token_at = now
+            if tok in self.eos_ids:
+                row.finish = "stop"
+            else:
+                row.generated.append(tok)
+                if row.handle.streaming or row.params.stop:  # a plain request is decoded once, at the end
+                    self._emit_text(row)
+                if row.finish is None and len(row.generated) >= row.params.max_new_tokens:
+                    row.finish = "length"
+            if row.finish is not None or row.handle.cancelled.is_set():
+                self._complete(row)
+
+    # -- text out
+    def _emit_text(self, row: _Row) -> None:
+        ids = row.generated
+        prefix = self.tokenizer.decode(ids[row.prefix_offset : row.read_offset], skip_special_tokens=True)
+        full = self.tokenizer.decode(ids[row.prefix_offset :], skip_special_tokens=True)
+        if full.endswith("\ufffd") and len(ids) - row.read_offset < 4:
+            return  # maybe a multi-byte character still arriving (UTF-8 needs at most 4 byte tokens): wait
+        if len(full) <= len(prefix):
+            return
+        delta = full[len(prefix) :]
+        row.prefix_offset, row.read_offset = row.read_offset, len(ids)
+        self._push(row, delta)
+
+    def _push(self, row: _Row, delta: str) -> None:
+        """Send ``delta`` to the client, holding back any tail that may be the start of a stop string."""
+        pending = row.held + delta
+        stops = row.params.stop
+        if stops:
+            combined = row.emitted + pending
+            start = max(0, len(row.emitted) - max(len(s) for s in stops))
+            hits = [at for at in (combined.find(s, start) for s in stops) if at != -1]
+            if hits:
+                row.held, row.finish = "", "stop"
+                self._send(row, combined[len(row.emitted) : min(hits)])
+                return
+            keep = min(partial_stop_suffix(combined, stops), len(pending))
+            pending, row.held = pending[: len(pending) - keep], pending[len(pending) - keep :]
+        self._send(row, pending)
+
+    @staticmethod
+    def _send(row: _Row, text: str) -> None:
+        if text:
+            row.emitted += text
+            row.handle._emit(TokenDelta(text))
+
+    # -- leaving the batch
+    def _leave(self, row: _Row) -> None:
+        self.kv.release(row.kv)
+        with contextlib.suppress(ValueError):
+            self._rows.remove(row)
+        self.finished += 1
+
+    def _complete(self, row: _Row) -> None:
+        finish: FinishReason = row.finish or ("cancelled" if row.handle.cancelled.is_set() else "length")
+        if row.params.stop:
+            # The stream already holds the text up to a stop string; text held back as a possible stop is released.
+            self._send(row, row.held)
+            row.held = ""
+            text = row.emitted
+        else:
+            # The response text is the decode of every generated token; the stream gets whatever it has not shown.
+            text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
+            if finish != "cancelled" and text.startswith(row.emitted):
+                self._send(row, text[len(row.emitted) :])
+        self._leave(row)
+        end = time.perf_counter()
+        h = row.handle
+        n_out = len(row.generated)
+        timings = Timings(
+            queue_wait_s=row.admitted_at - h.submitted_at,
+            time_to_first_token_s=(row.first_token_at - h.submitted_at) if row.first_token_at else None,
+            total_s=end - h.submitted_at,
+            output_tokens_per_second=n_out / (end - h.submitted_at),
+        )
+        result = GenerationResult(
+            text=text,
+            finish_reason=finish,
+            input_tokens=row.n_input,
+            output_tokens=n_out,
+            timings=timings,
+            token_ids=list(row.generated),
+        )
+        if h._finish(result) and self.on_finish:
+            with contextlib.suppress(Exception):
+                self.on_finish(h)
+
+    def _fail(self, row: _Row, error: ServiceError) -> None:
+        self._leave(row)
+        row.handle._finish(None, error)
+
+    def _complete_cancelled(self, h: RequestHandle) -> None:
+        self.finished += 1
+        h._finish(
+            GenerationResult(text="", finish_reason="cancelled", input_tokens=h.prepared.n_input, output_tokens=0),
+        )
+
+
+# --- helpers ---------------------------------------------------------------------------------------------------------
+
+
+def default_kv_budget(layout: KVLayout, device: torch.device) -> int:
+    """Bytes for the KV pools when no budget is set: 85 % of the GPU memory still free after loading (what vLLM's
+    ``gpu_memory_utilization`` does, leaving room for activations), or on CPU 2 GiB (pages are committed lazily)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * 0.85)
+    return 2 * 2**30
+
+
+def _longest(spans: list[tuple[int, int]]) -> int:
+    return max((e - s for s, e in spans), default=0)
+
+
+def _ema(old: float | None, new: float) -> float:
+    return new if old is None else (1 - _EMA) * old + _EMA * new
+
+
+def _as_list(x: Any) -> list[int]:
+    if x is None:
+        return []
+    return [int(v) for v in x] if isinstance(x, list | tuple) else [int(x)]
+
+
+def _eos_ids(loaded: LoadedModel) -> list[int]:
+    ids = _as_list(getattr(loaded.generation_config, "eos_token_id", None))
+    if not ids:
+        text = loaded.config.get_text_config() if hasattr(loaded.config, "get_text_config") else loaded.config
+        ids = _as_list(getattr(text, "eos_token_id", None))
+    if loaded.tokenizer.eos_token_id is not None:
+        ids.append(int(loaded.tokenizer.eos_token_id))
+    return ids
+
+
+def _context_length(config: Any) -> int | None:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "max_position_embeddings", None)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError | MemoryError) or "out of memory" in str(exc).lower()
+
+
+def _as_service_error(exc: BaseException) -> ServiceError:
+    if isinstance(exc, ServiceError):
+        return exc
+    if _is_oom(exc):
+        return EngineUnavailable(
+            "out of memory while generating this request; retry with fewer images or tokens", retry_after=5
+        )
+    log.error("generation failed: %s", type(exc).__name__)
+    return InternalError()
+
+
+def _free_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
