@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import json
 import logging
 import os
@@ -243,29 +242,6 @@ def build_config(shape: Shape, ids: dict[str, int]) -> Any:
     return config
 
 
-class CacheKwargShim:
-    """Makes a transformers < 5.2x model accept ``cache=``, the keyword ``medgemma.engine`` passes.
-
-    transformers 5.24 renamed ``past_key_values`` to ``cache`` (keeping the old name as a deprecated alias);
-    5.17's Gemma 3 forward only knows ``past_key_values``, silently swallows ``cache=`` into ``**kwargs``, builds
-    a cache of its own and leaves the engine's empty, so the first decode step fails. This wrapper maps the name.
-    """
-
-    def __init__(self, model: Any) -> None:
-        self.inner = model
-
-    def __call__(self, *args: Any, cache: Any = None, **kwargs: Any) -> Any:
-        return self.inner(*args, past_key_values=cache, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:  # dtype, device, config, parameters(), ...
-        return getattr(self.inner, name)
-
-
-def needs_cache_shim(model: Any) -> bool:
-    params = inspect.signature(type(model).forward).parameters
-    return "cache" not in params and "past_key_values" in params
-
-
 def build_model(shape: Shape, device: str, dtype: Any) -> tuple[Any, Any, Any, dict[str, int], float]:
     import torch
     from transformers import Gemma3ForConditionalGeneration
@@ -338,7 +314,7 @@ def make_engine(model: Any, tokenizer: Any, processor: Any, *, dtype: Any, batch
         bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id, do_sample=False
     )
     loaded = LoadedModel(
-        model=CacheKwargShim(model) if needs_cache_shim(model) else model,
+        model=model,
         processor=processor,
         tokenizer=tokenizer,
         config=config,
@@ -412,7 +388,6 @@ class StageResult:
     weight_bytes_total: int = 0
     weight_bytes_decode: int = 0
     build_s: float = 0.0
-    shim: bool = False
     bound_tok_s_batch1: float = 0.0
     runs: dict[str, Any] = field(default_factory=dict)
     ratios: dict[str, float] = field(default_factory=dict)
@@ -452,14 +427,12 @@ def run_stage(key: str, shape: Shape, args: argparse.Namespace, deadline: float)
             wb["decode_bytes"],
         )
         res.bound_tok_s_batch1 = BANDWIDTH_BYTES_PER_S / wb["decode_bytes"]
-        res.shim = needs_cache_shim(model)
         say(
             f"[{key}] built in {res.build_s:.1f} s: {wb['params'] / 1e9:.3f} B params, "
             f"{wb['total_bytes'] / 1e9:.2f} GB "
             f"({wb['vision_bytes'] / 1e9:.2f} GB vision tower + projector, {wb['decode_bytes'] / 1e9:.2f} GB read per "
             f"decode step); bound at batch 1 = {BANDWIDTH_BYTES_PER_S / 1e12:.1f} TB/s / "
             f"{wb['decode_bytes'] / 1e9:.2f} GB = {res.bound_tok_s_batch1:.0f} tok/s"
-            + ("; transformers lacks cache=, using the past_key_values shim" if res.shim else "")
         )
         engine = make_engine(model, tokenizer, processor, dtype=dtype, batch=max(args.concurrency, 1))
 

@@ -13,4 +13,17 @@ fi
 . "${VENV:-.venv}/bin/activate"
 export BENTOML_DO_NOT_TRACK=true HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 ruff check . && ruff format --check .
+# The GPU check (scripts/gpu_check.py) runs on a lent GPU machine that has transformers 5.17 and none of our
+# packages: smoke-test it here with that version in a venv of its own, and with ours, so it cannot rot unseen.
+GPU_VENV=${GPU_VENV:-.venv-gpu-check}
+[ -x "$GPU_VENV/bin/python" ] || python3 -m venv "$GPU_VENV"
+if ! "$GPU_VENV/bin/python" -c "import torch, transformers; assert transformers.__version__ == '5.17.0'" 2>/dev/null; then
+  "$GPU_VENV/bin/python" -m pip install -q torch==2.13.0
+  "$GPU_VENV/bin/python" -m pip install -q transformers==5.17.0 pillow numpy safetensors
+fi
+for py in "$GPU_VENV/bin/python" python; do
+  "$py" scripts/gpu_check.py --cpu-smoke >"${TMPDIR:-/tmp}/gpu_check_smoke.log" 2>&1 \
+    || { tail -40 "${TMPDIR:-/tmp}/gpu_check_smoke.log"; echo "gpu_check.py --cpu-smoke failed with $py" >&2; exit 1; }
+  echo "gpu_check.py --cpu-smoke ok with transformers $("$py" -c 'import transformers; print(transformers.__version__)')"
+done
 exec python -m pytest "$@"
