@@ -139,7 +139,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._published: tuple[int, ...] = ()
         self._t_decode: float | None = None  # moving average of a decode step's seconds
-        self._t_prefill_token: float | None = None  # moving average of seconds per prefilled token
+        self._prefill_cost = PrefillCost()  # seconds of a prefill forward as fixed + per-token cost
         self.steps = 0
         self.finished = 0
         self.fault_injector: Callable[[str, list[str]], None] | None = None  # tests: ("prefill"|"decode"|"sample", ids)
@@ -274,27 +274,36 @@ class Engine:
         if chunks:
             t0 = time.perf_counter()
             self._forward_rows("prefill", chunks)
-            n = sum(e - s for _, s, e in chunks)
-            self._t_prefill_token = _ema(self._t_prefill_token, (time.perf_counter() - t0) / n)
+            self._prefill_cost.observe(sum(e - s for _, s, e in chunks), time.perf_counter() - t0)
 
-    def _chunk_budget(self, decoding: bool) -> int:
+    def _long_prompt_budget(self, decoding: bool) -> int:
+        """Tokens of multi-chunk prompts to read this step: all a chunk holds when nobody decodes, else what adds
+        ``prefill_share`` of a decode step's time at the measured marginal cost of a prefill token."""
         if not decoding:
             return self.prefill_chunk_tokens
-        if self._t_decode is None or self._t_prefill_token is None:
+        per_token = self._prefill_cost.per_token()
+        if self._t_decode is None or per_token is None:
             return _MIN_CHUNK
-        budget = self.prefill_share * self._t_decode / self._t_prefill_token
+        budget = self.prefill_share * self._t_decode / per_token
         return int(min(max(budget, _MIN_CHUNK), self.prefill_chunk_tokens))
 
     def _prefill_chunks(self, decoding: bool) -> list[tuple[_Row, int, int]]:
-        """This step's prompt chunks: fewest tokens left first, within the budget, never splitting an image."""
+        """This step's prompt chunks: fewest tokens left first, never splitting an image.
+
+        A prompt that fits one chunk is read at once (its request starts answering next step); prompts longer than
+        a chunk share the decode-priority budget, so a 22K-token study never stalls the chats decoding beside it.
+        """
         waiting = sorted((r for r in self._rows if r.prefilling), key=lambda r: r.n_input - r.cached)
-        budget = self._chunk_budget(decoding)
+        budget = self.prefill_chunk_tokens
+        long_budget = self._long_prompt_budget(decoding)
         out: list[tuple[_Row, int, int]] = []
         for row in waiting:
-            if budget <= 0:
-                break
+            is_long = row.n_input > self.prefill_chunk_tokens
+            cap = min(budget, long_budget) if is_long else budget
+            if cap <= 0:
+                continue
             start = row.cached
-            end = min(row.n_input, start + budget)
+            end = min(row.n_input, start + cap)
             for s, e in row.spans:
                 if s < end < e:  # the chunk would end inside an image: stop before it, or take it whole
                     end = s if s > start else e
@@ -303,6 +312,8 @@ class Engine:
                 continue
             out.append((row, start, end))
             budget -= end - start
+            if is_long:
+                long_budget -= end - start
         return out
 
     def _forward_rows(self, phase: str, work: list[tuple[_Row, int, int]]) -> None:
@@ -480,6 +491,31 @@ class Engine:
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------------
+
+
+class PrefillCost:
+    """Seconds of a prefill forward fitted as ``fixed + per_token * tokens`` over recent forwards (least squares
+    with exponential forgetting). The per-token slope is what one more prompt token adds to a step; the average per
+    token would count the forward's fixed cost against every token and starve small chunks."""
+
+    def __init__(self, forget: float = 0.9) -> None:
+        self.forget = forget
+        self._s = [0.0] * 5  # sum of w, w*n, w*t, w*n*n, w*n*t
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        n, t = float(tokens), seconds
+        self._s = [self.forget * a + b for a, b in zip(self._s, (1.0, n, t, n * n, n * t), strict=True)]
+
+    def per_token(self) -> float | None:
+        w, sn, st, snn, snt = self._s
+        if w == 0 or sn == 0:
+            return None
+        denom = w * snn - sn * sn
+        if denom > 1e-9 * w * snn:  # enough spread in chunk sizes to separate the fixed cost from the slope
+            slope = (w * snt - sn * st) / denom
+            if slope > 0:
+                return slope
+        return st / sn
 
 
 def default_kv_budget(layout: KVLayout, device: torch.device) -> int:

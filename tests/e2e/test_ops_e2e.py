@@ -62,6 +62,18 @@ def test_metrics_families_change(tiny_vlm, tmp_path):
         assert sample(srv.url, "medgemma_requests_total", 'status="400"') == 1.0
         assert sample(srv.url, "medgemma_requests_total", 'route="/{app}/v1/generate",status="200"') == 2.0
         assert after["medgemma_requests_running"] == 0
+        # KV cache: the pools' blocks by pool and state; every block is back once the requests are answered
+        for pool in ("full", "sliding"):
+            total = sample(srv.url, "medgemma_kv_cache_blocks", f'pool="{pool}",state="total"')
+            assert total is not None and total > 0, pool
+            assert sample(srv.url, "medgemma_kv_cache_blocks", f'pool="{pool}",state="free"') == total
+            assert sample(srv.url, "medgemma_kv_cache_blocks", f'pool="{pool}",state="used"') == 0
+        assert after["medgemma_kv_cache_capacity_tokens"] > 0
+        assert after["medgemma_kv_cache_preemptions"] == 0
+        kv = httpx.get(f"{srv.url}/{app}/v1/health", timeout=5).json()["engine"]["kv_cache"]
+        assert kv["capacity_tokens"] == after["medgemma_kv_cache_capacity_tokens"]
+        assert kv["full"]["blocks_used"] == 0 and kv["full"]["blocks_total"] > 0
+        assert kv["admission"] == "reserve" and kv["preemptions"] == 0
 
 
 def test_idle_unload_then_reload(tiny_vlm, tmp_path):

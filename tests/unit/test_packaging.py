@@ -61,7 +61,12 @@ def test_bentoml_build_offline(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     bentos = list((tmp_path / "home" / "bentos" / "medgemma").iterdir())
     bento = next(p for p in bentos if p.is_dir())
-    for rel in ("src/service.py", "src/configuration.yaml", "src/medgemma/engine/scheduler.py", "env/docker/Dockerfile"):
+    for rel in (
+        "src/service.py",
+        "src/configuration.yaml",
+        "src/medgemma/engine/scheduler.py",
+        "env/docker/Dockerfile",
+    ):
         assert (bento / rel).is_file(), rel
     assert not (bento / "src" / "tests").exists()
     dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
