@@ -368,6 +368,52 @@ def run_requests(
     )
 
 
+def run_mixed(engine: Any, long_tokens: int, shorts: int, new_tokens: int, *, timeout: float) -> dict[str, Any]:
+    """One prompt of about ``long_tokens`` tokens alone, then again with ``shorts`` short requests 0.2 s behind it:
+    the shorts' throughput beside it against alone, and the long one's latency mixed against alone."""
+    from medgemma.protocol import GenerationRequest, Message, SamplingParams, TextPart
+
+    def req(text: str) -> Any:
+        return engine.prepare(
+            GenerationRequest([Message("user", (TextPart(text),))], SamplingParams(max_new_tokens=new_tokens))
+        )
+
+    per = engine.prepare(
+        GenerationRequest([Message("user", (TextPart(_PROMPT),))], SamplingParams(max_new_tokens=1))
+    ).n_input
+    long_text = " ".join([_PROMPT] * max(1, long_tokens // per))
+    short = [f"Case {i}. {_PROMPT}" for i in range(shorts)]
+
+    def shorts_run(delay: float = 0.0) -> tuple[float, float]:
+        time.sleep(delay)
+        preps = [req(t) for t in short]
+        t0 = time.perf_counter()
+        res = [h.wait_sync(timeout) for h in [engine.submit(p) for p in preps]]
+        wall = time.perf_counter() - t0
+        return sum(r.output_tokens for r in res) / wall, wall
+
+    alone_tok_s, _ = shorts_run()
+    p_long = req(long_text)
+    t0 = time.perf_counter()
+    engine.submit(p_long).wait_sync(timeout)
+    long_alone = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    h = engine.submit(req(long_text))
+    mixed_tok_s, _ = shorts_run(0.2)
+    h.wait_sync(timeout)
+    long_mixed = time.perf_counter() - t0
+    return {
+        "long_input_tokens": p_long.n_input,
+        "shorts": shorts,
+        "shorts_alone_tok_s": alone_tok_s,
+        "shorts_mixed_tok_s": mixed_tok_s,
+        "shorts_ratio": mixed_tok_s / alone_tok_s,
+        "long_alone_s": long_alone,
+        "long_mixed_s": long_mixed,
+        "long_ratio": long_mixed / long_alone,
+    }
+
+
 def test_image(size: int = 512) -> Any:
     from PIL import Image, ImageDraw
 
@@ -497,6 +543,17 @@ def run_stage(key: str, shape: Shape, args: argparse.Namespace, deadline: float)
             raise RuntimeError(
                 f"the image request has {img.input_tokens[0]} input tokens: the {shape.mm_tokens} image tokens are "
                 f"missing (text alone: {batch1['input_tokens']})"
+            )
+        if left() > 60:
+            n_long = 512 if args.cpu_smoke else 8192
+            say(f"[{key}] mixed: one ~{n_long}-token prompt beside {c - 1} short requests")
+            mixed = run_mixed(engine, n_long, c - 1, min(n_new, 64), timeout=max(left(), 1))
+            res.runs["mixed"] = mixed
+            say(
+                f"[{key}] mixed: {mixed['long_input_tokens']}-token prompt {mixed['long_alone_s']:.2f} s alone, "
+                f"{mixed['long_mixed_s']:.2f} s beside the shorts ({mixed['long_ratio']:.2f}x); shorts "
+                f"{mixed['shorts_alone_tok_s']:.1f} tok/s alone, {mixed['shorts_mixed_tok_s']:.1f} beside it "
+                f"({mixed['shorts_ratio']:.2f}x)"
             )
         early = [f for r in (*b1, cc, img) for f in r.finish if f != "length"]
         if early:
