@@ -51,7 +51,11 @@ class Settings:
         "auto", "`auto` = bfloat16 on GPUs that support it, float32 otherwise; float16 only when asked."
     )
     device_map: str = setting("auto", "Passed to `from_pretrained`: `auto` spreads over all visible GPUs.")
-    attn_implementation: str = setting("sdpa", "Attention kernel: `sdpa`, `eager` or `flex_attention`.")
+    attn_implementation: str = setting(
+        "sdpa",
+        "Attention of the vision tower (`sdpa`, `eager`, `flex_attention`); the language layers always use the "
+        "engine's paged attention.",
+    )
     quantization: Quantization = setting("none", "`8bit` / `4bit` load through bitsandbytes (optional extra).")
     trust_remote_code: bool = setting(False, "Run model code from the Hub; Gemma 3 is native, so keep it off.")
     hf_token: str = setting("", "Token for gated models; used when set, never required.", env="HF_TOKEN", secret=True)
