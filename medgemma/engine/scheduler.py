@@ -46,7 +46,7 @@ from medgemma.protocol import FinishReason, GenerationRequest, GenerationResult,
 log = logging.getLogger(__name__)
 
 _MIN_CHUNK = 16  # a prompt always advances at least this much per step
-_EMA = 0.2
+_EMA = 0.3
 
 
 @dataclass
@@ -138,11 +138,10 @@ class Engine:
         self._draining = False
         self._thread: threading.Thread | None = None
         self._published: tuple[int, ...] = ()
-        self._t_decode: float | None = None  # moving average of a decode step's seconds
-        self._prefill_cost = PrefillCost()  # seconds of a prefill forward as fixed + per-token cost
+        self._costs = StepCosts()  # measured: a decode step's seconds by rows, and a prompt token's extra seconds
         self.steps = 0
         self.finished = 0
-        self.fault_injector: Callable[[str, list[str]], None] | None = None  # tests: ("prefill"|"decode"|"sample", ids)
+        self.fault_injector: Callable[[str, list[str]], None] | None = None  # tests: ("forward"|"sample", ids)
 
     # -- lifecycle
     def start(self) -> None:
@@ -262,32 +261,31 @@ class Engine:
             )
 
     def _step(self) -> None:
+        """One packed forward: a token for every decoding row plus this step's prompt chunks."""
         for row in [r for r in self._rows if r.handle.cancelled.is_set()]:
             self._complete(row)
         decoding = [r for r in self._rows if not r.prefilling]
-        if decoding:
-            t0 = time.perf_counter()
-            self._forward_rows("decode", [(r, r.cached, r.cached + 1) for r in decoding])
-            self._t_decode = _ema(self._t_decode, time.perf_counter() - t0)
-            self.steps += 1
-        chunks = self._prefill_chunks(bool(decoding))
-        if chunks:
-            t0 = time.perf_counter()
-            self._forward_rows("prefill", chunks)
-            self._prefill_cost.observe(sum(e - s for _, s, e in chunks), time.perf_counter() - t0)
+        chunks = self._prefill_chunks(len(decoding))
+        work = [(r, r.cached, r.cached + 1) for r in decoding] + chunks
+        if not work:
+            return
+        t0 = time.perf_counter()
+        self._forward_rows(work)
+        self._costs.observe(len(decoding), sum(e - s for _, s, e in chunks), time.perf_counter() - t0)
+        self.steps += 1
 
-    def _long_prompt_budget(self, decoding: bool) -> int:
+    def _long_prompt_budget(self, n_decoding: int) -> int:
         """Tokens of multi-chunk prompts to read this step: all a chunk holds when nobody decodes, else what adds
-        ``prefill_share`` of a decode step's time at the measured marginal cost of a prefill token."""
-        if not decoding:
+        ``prefill_share`` to the predicted decode step at the measured extra cost of a prompt token."""
+        if not n_decoding:
             return self.prefill_chunk_tokens
-        per_token = self._prefill_cost.per_token()
-        if self._t_decode is None or per_token is None:
+        decode_s, per_token = self._costs.decode_seconds(n_decoding), self._costs.per_prompt_token
+        if decode_s is None or per_token is None:
             return _MIN_CHUNK
-        budget = self.prefill_share * self._t_decode / per_token
+        budget = self.prefill_share * decode_s / per_token
         return int(min(max(budget, _MIN_CHUNK), self.prefill_chunk_tokens))
 
-    def _prefill_chunks(self, decoding: bool) -> list[tuple[_Row, int, int]]:
+    def _prefill_chunks(self, n_decoding: int) -> list[tuple[_Row, int, int]]:
         """This step's prompt chunks: fewest tokens left first, never splitting an image.
 
         A prompt that fits one chunk is read at once (its request starts answering next step); prompts longer than
@@ -295,7 +293,7 @@ class Engine:
         """
         waiting = sorted((r for r in self._rows if r.prefilling), key=lambda r: r.n_input - r.cached)
         budget = self.prefill_chunk_tokens
-        long_budget = self._long_prompt_budget(decoding)
+        long_budget = self._long_prompt_budget(n_decoding)
         out: list[tuple[_Row, int, int]] = []
         for row in waiting:
             is_long = row.n_input > self.prefill_chunk_tokens
@@ -316,24 +314,24 @@ class Engine:
                 long_budget -= end - start
         return out
 
-    def _forward_rows(self, phase: str, work: list[tuple[_Row, int, int]]) -> None:
+    def _forward_rows(self, work: list[tuple[_Row, int, int]]) -> None:
         """One packed forward for ``work``; on failure, each row alone, so only the rows that fail alone fail."""
         try:
-            logits = self._forward(phase, work)
+            logits = self._forward(work)
         except Exception as exc:
             _free_memory()
             if len(work) == 1:
                 self._fail(work[0][0], _as_service_error(exc))
                 return
-            log.warning("%s step failed (%s); retrying %d requests one by one", phase, type(exc).__name__, len(work))
+            log.warning("step failed (%s); retrying %d requests one by one", type(exc).__name__, len(work))
             for item in work:
-                self._forward_rows(phase, [item])
+                self._forward_rows([item])
             return
         self._after_forward(work, logits)
 
-    def _forward(self, phase: str, work: list[tuple[_Row, int, int]]) -> torch.Tensor:
+    def _forward(self, work: list[tuple[_Row, int, int]]) -> torch.Tensor:
         if self.fault_injector:
-            self.fault_injector(phase, [r.handle.request_id for r, _, _ in work])
+            self.fault_injector("forward", [r.handle.request_id for r, _, _ in work])
         ids: list[torch.Tensor] = []
         chunks: list[Chunk] = []
         pixels: list[torch.Tensor] = []
@@ -493,29 +491,40 @@ class Engine:
 # --- helpers ---------------------------------------------------------------------------------------------------------
 
 
-class PrefillCost:
-    """Seconds of a prefill forward fitted as ``fixed + per_token * tokens`` over recent forwards (least squares
-    with exponential forgetting). The per-token slope is what one more prompt token adds to a step; the average per
-    token would count the forward's fixed cost against every token and starve small chunks."""
+class StepCosts:
+    """What the scheduler measures to size prompt chunks while requests decode.
+
+    * a decode step's seconds as ``fixed + per_row * rows``, fitted by least squares (with exponential forgetting)
+      over steps that read no prompt;
+    * a prompt token's extra seconds in a step: (step - predicted decode step) / prompt tokens, a moving average
+      (for steps without decoding rows, the step's seconds per token, an upper bound).
+    """
 
     def __init__(self, forget: float = 0.9) -> None:
         self.forget = forget
-        self._s = [0.0] * 5  # sum of w, w*n, w*t, w*n*n, w*n*t
+        self._s = [0.0] * 5  # decode-only steps: sums of w, w*n, w*t, w*n*n, w*n*t
+        self.per_prompt_token: float | None = None
 
-    def observe(self, tokens: int, seconds: float) -> None:
-        n, t = float(tokens), seconds
-        self._s = [self.forget * a + b for a, b in zip(self._s, (1.0, n, t, n * n, n * t), strict=True)]
+    def observe(self, n_decode: int, n_prompt: int, seconds: float) -> None:
+        if not n_prompt:
+            n, t = float(n_decode), seconds
+            self._s = [self.forget * a + b for a, b in zip(self._s, (1.0, n, t, n * n, n * t), strict=True)]
+            return
+        predicted = self.decode_seconds(n_decode) if n_decode else 0.0
+        if predicted is None:
+            return
+        self.per_prompt_token = _ema(self.per_prompt_token, max(seconds - predicted, 0.0) / n_prompt)
 
-    def per_token(self) -> float | None:
+    def decode_seconds(self, rows: int) -> float | None:
         w, sn, st, snn, snt = self._s
-        if w == 0 or sn == 0:
+        if w == 0:
             return None
         denom = w * snn - sn * sn
-        if denom > 1e-9 * w * snn:  # enough spread in chunk sizes to separate the fixed cost from the slope
+        if denom > 1e-9 * max(w * snn, 1e-12):  # rows varied enough to separate the fixed cost from the slope
             slope = (w * snt - sn * st) / denom
-            if slope > 0:
-                return slope
-        return st / sn
+            if slope >= 0:
+                return max((st - slope * sn) / w + slope * rows, 0.0)
+        return st / w
 
 
 def default_kv_budget(layout: KVLayout, device: torch.device) -> int:

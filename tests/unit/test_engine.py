@@ -209,7 +209,7 @@ def test_fault_in_one_prefill_fails_only_that_request(engine):
     bad = request("poison", n=5)
 
     def inject(phase: str, ids: list[str]) -> None:
-        if phase == "prefill" and bad.request_id in ids:
+        if phase == "forward" and bad.request_id in ids:
             raise RuntimeError("injected fault")
 
     engine.fault_injector = inject
@@ -253,17 +253,17 @@ def test_sampler_fault_fails_only_its_row_and_finishes_every_handle_once(engine,
     assert all(p["blocks_reserved"] == 0 for k, p in engine.stats().kv.items() if isinstance(p, dict))
 
 
-def test_out_of_memory_in_decode_fails_only_the_row_that_cannot_run(engine):
-    """OOM in a batched decode step: the rows are retried one by one and only the one that fails alone fails (503)."""
+def test_out_of_memory_in_a_batched_step_fails_only_the_row_that_cannot_run(engine):
+    """OOM in a batched step: the rows are retried one by one and only the one that fails alone fails (503)."""
     big = request("oom", n=10)
     others = [request("fine one", n=10), request("fine two", n=10)]
     fired = threading.Event()
 
     def inject(phase: str, ids: list[str]) -> None:
-        if phase == "decode" and big.request_id in ids and len(ids) > 1:
+        if phase == "forward" and big.request_id in ids and len(ids) > 1:
             fired.set()
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        if phase == "decode" and ids == [big.request_id] and fired.is_set():
+        if phase == "forward" and ids == [big.request_id] and fired.is_set():
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
     engine.fault_injector = inject

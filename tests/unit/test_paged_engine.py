@@ -108,9 +108,9 @@ def test_chunk_boundaries_never_split_an_image_and_chunked_logits_match_one_pass
     chunks: list[tuple[int, int]] = []
     real_forward = eng._forward
 
-    def recording(phase, work):
-        chunks.extend((s, e) for _, s, e in work if phase == "prefill")
-        return real_forward(phase, work)
+    def recording(work):
+        chunks.extend((s, e) for row, s, e in work if s < row.n_input)
+        return real_forward(work)
 
     first_logits: list[torch.Tensor] = []
     real_sample = scheduler_module.sample
