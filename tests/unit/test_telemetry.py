@@ -7,7 +7,6 @@ import os
 import psutil
 import pytest
 import torch
-from prometheus_client import REGISTRY
 
 from medgemma.protocol import GenerationResult, Timings
 from medgemma.telemetry import MODEL_STATES, Metrics, compute_metrics, gpu_snapshot
@@ -23,6 +22,10 @@ def result(**timings: float | None) -> GenerationResult:
 
 
 def sample(name: str, labels: dict[str, str] | None = None) -> float:
+    # Imported here, not at collection: prometheus_client picks its value store (in-process or the multiprocess
+    # directory the service tests set up) when it is first imported.
+    from prometheus_client import REGISTRY
+
     return REGISTRY.get_sample_value(name, labels or {}) or 0.0
 
 
