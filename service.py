@@ -122,7 +122,7 @@ class MedGemma:
     def health(self, ctx: bentoml.Context) -> dict[str, Any]:
         """Replica health, model state, device and uptime; answers in every state."""
         try:
-            return transport.respond(ctx, json_response(self.core.health()))
+            return transport.respond(ctx, json_response(self.core.health(details=transport.authenticated(ctx))))
         except Exception as exc:
             return transport.respond(ctx, error_response(exc))
 

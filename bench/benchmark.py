@@ -43,8 +43,6 @@ import os
 import platform
 import random
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -56,6 +54,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from devtools.server import BentoServer  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "latest.json"
 README = ROOT / "bench" / "README.md"
@@ -414,100 +414,30 @@ class InProcess:
 # --- the service ------------------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """``bentoml serve service:MedGemma`` as a subprocess (own process group), with its log in a temp dir."""
+class Server(BentoServer):
+    """The service under test (``devtools.server``), plus what the benchmark reads off it: CPU time, threads."""
 
     def __init__(
         self, model_dir: Path, app: str, *, threads: int, max_batch: int, workdir: Path, cwd: Path = ROOT
     ) -> None:
-        self.app = app
-        self.cwd = cwd
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = workdir / "serve.log"
-        self.env = {
-            **os.environ,
+        env = {
             "MEDGEMMA_MODEL": str(model_dir),
             "MEDGEMMA_APP_NAME": app,
             "MEDGEMMA_MAX_BATCH_SIZE": str(max_batch),
             "MEDGEMMA_MAX_QUEUE": "1024",
-            "BENTOML_HOME": str(workdir / "bentoml-home"),
-            "BENTOML_DO_NOT_TRACK": "true",
-            "HF_HUB_OFFLINE": "1",
-            "PYTHONUNBUFFERED": "1",
             # The server's torch reads these at import: same intra-op thread count as this process.
             "OMP_NUM_THREADS": str(threads),
             "MKL_NUM_THREADS": str(threads),
         }
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.pids: list[int] = []
+        # Own session: a Ctrl-C in the terminal reaches only this script, which then stops the server itself.
+        super().__init__(workdir, env, cwd=cwd, new_session=True)
+        self.app = app
 
-    def start(self) -> None:
-        with open(self.log_path, "wb") as logf:
-            self.proc = subprocess.Popen(
-                self.command(),
-                cwd=self.cwd,
-                env=self.env,
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def command(self) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "bentoml",
-            "serve",
-            "service:MedGemma",
-            "-p",
-            str(self.port),
-            "--host",
-            "127.0.0.1",
-        ]
-
-    def log_tail(self, n: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
-    def wait_ready(self, timeout: float = 300.0) -> dict[str, Any]:
-        import httpx
-
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        body: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited with {self.proc.returncode}:\n{self.log_tail()}")
-            with contextlib.suppress(httpx.HTTPError, ValueError):
-                r = httpx.get(f"{self.url}/{self.app}/v1/health", timeout=5)
-                if r.status_code == 200:
-                    body = r.json()
-                    if body.get("model_state") == "ready":
-                        return body
-                    if body.get("model_state") == "failed":
-                        raise RuntimeError(f"model failed to load: {body.get('loading_error')}")
-            time.sleep(0.5)
-        raise RuntimeError(f"service not ready after {timeout:.0f} s (last health: {body}):\n{self.log_tail()}")
-
-    def processes(self) -> list[Any]:
-        import psutil
-
-        if self.proc is None:
-            return []
-        try:
-            root = psutil.Process(self.proc.pid)
-            return [root, *root.children(recursive=True)]
-        except psutil.Error:
-            return []
+    def wait_model(self, timeout: float = 300.0) -> dict[str, Any]:
+        health = self.wait_for_model(self.app, timeout)
+        if health.get("model_state") != "ready":
+            raise RuntimeError(f"model failed to load: {health.get('loading_error')}")
+        return health
 
     def cpu_seconds(self) -> float:
         import psutil
@@ -537,31 +467,6 @@ class Server:
                     }
                 )
         return info
-
-    def remember_pids(self) -> None:
-        """Record the server's process tree (its worker runs in a session of its own, outside our group)."""
-        self.pids = sorted({*self.pids, *(p.pid for p in self.processes())})
-
-    def kill(self) -> None:
-        """SIGKILL every process of the server this script started (by pid); for aborts."""
-        self.remember_pids()
-        for pid in self.pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        self.remember_pids()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                log("bentoml serve did not stop in 30 s; killing it")
-        self.kill()  # whatever is left (a worker that outlived its arbiter, a hung graceful shutdown)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=10)
 
 
 def payload(req: Req, *, stream: bool) -> bytes:
@@ -787,8 +692,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         inproc = InProcess(model_dir)
         env = environment(inproc, threads)
-        health = server.wait_ready()
-        server.remember_pids()
+        health = server.wait_model()
         log("smoke request (4 tokens)")
         try:
             drive(server, make_requests(1, images=False, max_new_tokens=4, seed=5), 1, stream=False, timeout=120)

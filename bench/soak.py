@@ -8,21 +8,26 @@ One command::
 What it does:
 
 1. builds (or reuses) a random-weight demo checkpoint (``medgemma.demo.ensure_checkpoint``, image+text);
-2. starts ``bentoml serve service:MedGemma`` on ``127.0.0.1`` and a free port (temporary ``BENTOML_HOME``, tracking
-   off) with a small ``MEDGEMMA_MAX_QUEUE`` so that the clients overload it;
+2. starts ``bentoml serve service:MedGemma`` on ``127.0.0.1`` and a free port (``devtools.server``: temporary
+   ``BENTOML_HOME``, tracking off) with a small ``MEDGEMMA_MAX_QUEUE`` so that the clients overload it;
 3. runs ``--clients`` asyncio clients (one ``httpx.AsyncClient``, loopback only, no proxies from the environment)
    for ``--duration`` seconds. Each sends its next request as soon as the previous one is answered, drawn from a mix:
    seed text generate, seed image generate (a small PNG data URI), OpenAI chat completion, streamed seed generate,
    and ~10 % bad requests (each of which must be a 4xx). An overload answer (429/503) must carry ``Retry-After``;
    the client then waits that long (capped at 2 s) like a well-behaved client would;
-4. samples the RSS of the server's whole process tree (``bentoml serve`` and its workers) every few seconds;
-5. prints: requests sent, answered by status, lost (sent - answered: timeouts, connection errors, streams cut
-   short — must be 0), p50/p99 latency of successful requests, RSS at the start of the load, at minute 1 and at the
-   end, and the growth from minute 1 to the end (must stay under 10 %).
+4. validates every 200 body it receives against its API's shape (seed JSON, OpenAI JSON, seed SSE stream whose
+   deltas add up to the final response) and the request (no more tokens than asked for);
+5. samples the RSS of the server's whole process tree (``bentoml serve`` and its workers) every ``--rss-every``
+   seconds and fits a least-squares line through all samples after ``--warmup`` seconds: the slope, in MB per
+   minute, is the memory trend of the run (a two-point difference cannot tell a steady leak from warm-up);
+6. prints: requests sent, answered by status, lost (sent - answered: timeouts, connection errors, streams cut
+   short — must be 0), 200 bodies validated, p50/p99 latency of successful requests, and the RSS slope with its
+   standard error.
 
-Exit status 1 when anything is lost, RSS grows 10 % or more, any 5xx other than a 503 with ``Retry-After`` is seen,
-an overload answer lacks ``Retry-After``, or a bad request is not answered 4xx. Bounded: every request has a timeout,
-the run stops at ``--duration`` (at most 1 hour) or ``--max-requests``, and the server is always stopped.
+Exit status 1 when anything is lost, a 200 body is invalid, the RSS slope is above ``--max-rss-slope`` (% of the
+mean RSS after warm-up, per minute), any 5xx other than a 503 with ``Retry-After`` is seen, an overload answer lacks
+``Retry-After``, or a bad request is not answered 4xx. Bounded: every request has a timeout, the run stops at
+``--duration`` (at most 1 hour) or ``--max-requests``, and the server is always stopped (``devtools.server``).
 """
 
 from __future__ import annotations
@@ -32,12 +37,12 @@ import asyncio
 import base64
 import contextlib
 import io
+import json
+import math
 import os
 import platform
 import random
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,9 +55,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from devtools.server import BentoServer  # noqa: E402
+
 HOST = "127.0.0.1"  # loopback only, always
 MAX_DURATION_S = 3600.0
-RSS_GROWTH_LIMIT = 0.10
+MIN_SLOPE_SAMPLES = 10
+SIX_PARAMETERS = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
 MIX = (("text", 30), ("image", 20), ("openai", 25), ("stream", 15), ("bad", 10))
 
 
@@ -150,6 +158,8 @@ class Stats:
     server_errors: list[str] = field(default_factory=list)  # 5xx that are not a 503 with Retry-After
     bad_not_4xx: list[str] = field(default_factory=list)
     good_4xx: list[str] = field(default_factory=list)  # a good request refused (should not happen)
+    validated: int = 0  # 200 bodies that passed validate_body
+    invalid: list[str] = field(default_factory=list)  # 200 bodies that did not
 
     @property
     def answered_total(self) -> int:
@@ -195,10 +205,84 @@ async def one_request(client: Any, req: Request, timeout: float, stats: Stats) -
         stats.good_4xx.append(f"{req.kind}: {status} {raw[:200]!r}")
     if status == 200 and not req.expect_4xx:
         stats.latencies[req.kind].append(elapsed)
+        problem = validate_body(req, raw)
+        if problem is None:
+            stats.validated += 1
+        else:
+            stats.invalid.append(f"{req.kind}: {problem}")
     if status in (429, 503) and retry_after is not None:
         with contextlib.suppress(ValueError):
             return min(float(retry_after), 2.0)
     return 0.0
+
+
+# --- what a 200 must look like -----------------------------------------------------------------------------------
+
+
+def validate_body(req: Request, raw: bytes) -> str | None:
+    """None when a 200 body is a complete, well-formed answer to ``req``; else what is wrong with it."""
+    try:
+        if req.stream:
+            return _check_seed_stream(req, raw)
+        body = json.loads(raw)
+        if not isinstance(body, dict):
+            return f"not a JSON object: {type(body).__name__}"
+        if req.kind == "openai":
+            return _check_openai(req, body)
+        return _check_seed(req, body)
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        return f"{type(exc).__name__}: {exc}"[:200]
+
+
+def _check_seed(req: Request, body: dict[str, Any]) -> str | None:
+    asked = req.json_body["max_new_tokens"]
+    metrics = body["compute_metrics"]
+    problems = [
+        body["status"] != "success" and f"status {body['status']!r}",
+        not isinstance(body["response"], str) and "response is not a string",
+        not isinstance(body["model"], str) and "model is not a string",
+        tuple(body["parameters"]) != SIX_PARAMETERS and f"parameters {list(body['parameters'])}",
+        body["parameters"]["max_new_tokens"] != asked and "parameters.max_new_tokens is not what was sent",
+        body["finish_reason"] not in ("stop", "length") and f"finish_reason {body['finish_reason']!r}",
+        not isinstance(body["request_id"], str) and "request_id is not a string",
+        not 0 <= metrics["output_tokens"] <= asked and f"output_tokens {metrics['output_tokens']} (asked {asked})",
+        not metrics["input_tokens"] > 0 and "input_tokens is not positive",
+        req.kind == "image" and len(body.get("images") or []) != 1 and "images should describe the one image",
+    ]
+    return next((p for p in problems if p), None)
+
+
+def _check_openai(req: Request, body: dict[str, Any]) -> str | None:
+    asked = req.json_body["max_tokens"]
+    choice = body["choices"][0]
+    usage = body["usage"]
+    problems = [
+        body["object"] != "chat.completion" and f"object {body['object']!r}",
+        len(body["choices"]) != 1 and f"{len(body['choices'])} choices",
+        choice["message"]["role"] != "assistant" and "role is not assistant",
+        not isinstance(choice["message"]["content"], str) and "content is not a string",
+        choice["finish_reason"] not in ("stop", "length") and f"finish_reason {choice['finish_reason']!r}",
+        not 0 <= usage["completion_tokens"] <= asked and f"completion_tokens {usage['completion_tokens']}",
+        usage["total_tokens"] != usage["prompt_tokens"] + usage["completion_tokens"] and "usage does not add up",
+    ]
+    return next((p for p in problems if p), None)
+
+
+def _check_seed_stream(req: Request, raw: bytes) -> str | None:
+    # Split on "\n" only: SSE lines end there, and str.splitlines would also split inside the JSON at characters
+    # such as U+2028 or U+0085, which json.dumps(ensure_ascii=False) leaves unescaped in generated text.
+    lines = raw.decode().split("\n")
+    events = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+    if not events:
+        return "no events"
+    *deltas, final = events
+    if final.get("done") is not True:
+        return "the last event is not the final one"
+    if any(e.get("status") != "streaming" or not isinstance(e.get("delta"), str) for e in deltas):
+        return "a delta event is malformed"
+    if "".join(e["delta"] for e in deltas) != final.get("response"):
+        return "the deltas do not add up to the final response"
+    return _check_seed(req, final)
 
 
 async def client_loop(
@@ -214,66 +298,22 @@ async def client_loop(
 # --- the server and its memory ----------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def tree_rss(pid: int) -> int:
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
-    total = 0
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            total += p.memory_info().rss
-    return total
-
-
-async def sample_rss(pid: int, t0: float, every: float, samples: list[tuple[float, int]], stop: asyncio.Event) -> None:
+async def sample_rss(
+    server: BentoServer, t0: float, every: float, samples: list[tuple[float, int]], stop: asyncio.Event
+) -> None:
     while not stop.is_set():
-        samples.append((time.monotonic() - t0, await asyncio.to_thread(tree_rss, pid)))
+        samples.append((time.monotonic() - t0, await asyncio.to_thread(server.rss_bytes)))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), every)
-    samples.append((time.monotonic() - t0, await asyncio.to_thread(tree_rss, pid)))
+    samples.append((time.monotonic() - t0, await asyncio.to_thread(server.rss_bytes)))
 
 
-def start_server(model_dir: Path, port: int, work: Path, args: argparse.Namespace) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "BENTOML_HOME": str(work / "bentoml-home"),
-        "BENTOML_DO_NOT_TRACK": "true",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONUNBUFFERED": "1",
+def server_env(model_dir: Path, args: argparse.Namespace) -> dict[str, str]:
+    return {
         "MEDGEMMA_MODEL": str(model_dir),
         "MEDGEMMA_MAX_QUEUE": str(args.max_queue),
         "MEDGEMMA_MAX_BATCH_SIZE": str(args.max_batch_size),
     }
-    cmd = [sys.executable, "-m", "bentoml", "serve", "service:MedGemma", "-p", str(port), "--host", HOST]
-    with open(work / "server.log", "wb") as log:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def wait_ready(url: str, app: str, proc: subprocess.Popen[bytes], timeout: float = 300.0) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"bentoml serve exited with {proc.returncode}")
-        with contextlib.suppress(httpx.HTTPError, ValueError):
-            health = httpx.get(f"{url}/{app}/v1/health", timeout=5, trust_env=False).json()
-            if health.get("model_state") == "ready":
-                return
-            if health.get("model_state") == "failed":
-                raise RuntimeError(f"model failed to load: {health.get('loading_error')}")
-        time.sleep(0.5)
-    raise RuntimeError(f"server not ready after {timeout} s")
 
 
 def normal_request_after(url: str, app: str) -> str:
@@ -289,16 +329,6 @@ def normal_request_after(url: str, app: str) -> str:
     return f"{r.status_code} in {r.elapsed.total_seconds() * 1000:.0f} ms"
 
 
-def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
 # --- report -----------------------------------------------------------------------------------------------------------
 
 
@@ -310,8 +340,37 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[k]
 
 
-def rss_at(samples: list[tuple[float, int]], t: float) -> int:
-    return min(samples, key=lambda s: abs(s[0] - t))[1]
+@dataclass(frozen=True)
+class Trend:
+    """A least-squares line through the RSS samples taken after warm-up."""
+
+    slope_mb_per_min: float
+    stderr_mb_per_min: float  # standard error of the slope (nan with fewer than 3 samples)
+    mean_mb: float
+    samples: int
+    first_s: float
+    last_s: float
+
+    @property
+    def percent_per_min(self) -> float:
+        return 100 * self.slope_mb_per_min / self.mean_mb if self.mean_mb else float("nan")
+
+
+def rss_trend(samples: list[tuple[float, int]], warmup_s: float) -> Trend | None:
+    """Fit RSS (MB) = a + b * t (minutes) over every sample taken after ``warmup_s``; None with under 2 samples."""
+    points = [(t / 60, rss / 2**20) for t, rss in samples if t >= warmup_s]
+    n = len(points)
+    if n < 2:
+        return None
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    if sxx == 0:
+        return None
+    slope = sum((x - mx) * (y - my) for x, y in points) / sxx
+    residual = sum((y - my - slope * (x - mx)) ** 2 for x, y in points)
+    stderr = math.sqrt(residual / (n - 2) / sxx) if n > 2 else float("nan")
+    return Trend(slope, stderr, my, n, points[0][0] * 60, points[-1][0] * 60)
 
 
 def report(
@@ -328,10 +387,7 @@ def report(
     lost = stats.sent - stats.answered_total
     successes = [v for vs in stats.latencies.values() for v in vs]
     mb = 1024 * 1024
-    rss_start = samples[0][1] if samples else 0
-    rss_m1 = rss_at(samples, 60.0) if samples else 0
-    rss_end = samples[-1][1] if samples else 0
-    growth = (rss_end - rss_m1) / rss_m1 if rss_m1 else float("nan")
+    trend = rss_trend(samples, args.warmup)
     log_text = log_path.read_text(errors="replace") if log_path.exists() else ""
 
     out = ["", "=" * 78, "MedGemma soak test", "=" * 78]
@@ -360,11 +416,20 @@ def report(
     out += [
         f"overload answers:   {stats.overload} (429/503), without Retry-After: {stats.overload_without_retry_after}"
     ]
+    out += [f"200 bodies validated: {stats.validated}, invalid: {len(stats.invalid)}"]
+    rss = [r / mb for _, r in samples]
     out += [
-        f"server RSS (tree):  start {rss_start / mb:.1f} MB, minute 1 {rss_m1 / mb:.1f} MB, "
-        f"end {rss_end / mb:.1f} MB, max {max((s[1] for s in samples), default=0) / mb:.1f} MB; "
-        f"growth minute 1 -> end: {growth * 100:+.2f} %  ({len(samples)} samples)"
+        f"server RSS (tree):  start {rss[0] if rss else 0:.1f} MB, end {rss[-1] if rss else 0:.1f} MB, "
+        f"max {max(rss, default=0):.1f} MB ({len(samples)} samples every {args.rss_every:g} s)"
     ]
+    if trend is None:
+        out += [f"RSS slope:          none (under 2 samples after the {args.warmup:g} s warm-up)"]
+    else:
+        out += [
+            f"RSS slope:          {trend.slope_mb_per_min:+.2f} MB/min (± {trend.stderr_mb_per_min:.2f} standard "
+            f"error; {trend.percent_per_min:+.3f} %/min of the mean {trend.mean_mb:.1f} MB), least-squares fit over "
+            f"{trend.samples} samples from {trend.first_s:.0f} s to {trend.last_s:.0f} s (warm-up {args.warmup:g} s)"
+        ]
     out += [
         f"server log:         {log_text.count('Traceback')} tracebacks, {log_text.count('[ERROR]')} ERROR records "
         f"({log_path}; kept only when the run fails or with --keep-log)"
@@ -377,10 +442,18 @@ def report(
         failed.append(f"a normal request after the soak did not answer 200: {after}")
     if lost:
         failed.append(f"{lost} requests lost")
-    if not growth < RSS_GROWTH_LIMIT:
-        failed.append(f"RSS grew {growth * 100:.2f} % from minute 1 to the end (limit {RSS_GROWTH_LIMIT * 100:.0f} %)")
-    if elapsed < 60:
-        failed.append("ran under a minute: no minute-1 RSS baseline")
+    if trend is None or trend.samples < MIN_SLOPE_SAMPLES:
+        failed.append(
+            f"fewer than {MIN_SLOPE_SAMPLES} RSS samples after the warm-up: no memory slope (run longer, or lower "
+            "--warmup / --rss-every)"
+        )
+    elif not trend.percent_per_min <= args.max_rss_slope:
+        failed.append(
+            f"RSS slope {trend.percent_per_min:+.3f} %/min ({trend.slope_mb_per_min:+.2f} MB/min) is above the "
+            f"limit of {args.max_rss_slope:g} %/min"
+        )
+    if stats.invalid:
+        failed.append(f"{len(stats.invalid)} invalid 200 bodies, e.g. {stats.invalid[:3]}")
     if stats.server_errors:
         failed.append(
             f"{len(stats.server_errors)} 5xx answers (not a 503 with Retry-After), e.g. {stats.server_errors[:3]}"
@@ -412,16 +485,18 @@ def machine_conditions() -> dict[str, Any]:
 # --- main -------------------------------------------------------------------------------------------------------------
 
 
-async def drive(url: str, app: str, pid: int, args: argparse.Namespace) -> tuple[Stats, list[tuple[float, int]], float]:
+async def drive(
+    server: BentoServer, app: str, args: argparse.Namespace
+) -> tuple[Stats, list[tuple[float, int]], float]:
     import httpx
 
     stats = Stats()
     samples: list[tuple[float, int]] = []
     limits = httpx.Limits(max_connections=args.clients + 8, max_keepalive_connections=args.clients + 8)
-    async with httpx.AsyncClient(base_url=url, limits=limits, trust_env=False) as client:
+    async with httpx.AsyncClient(base_url=server.url, limits=limits, trust_env=False) as client:
         t0 = time.monotonic()
         stop = asyncio.Event()
-        sampler = asyncio.create_task(sample_rss(pid, t0, args.rss_every, samples, stop))
+        sampler = asyncio.create_task(sample_rss(server, t0, args.rss_every, samples, stop))
         deadline = t0 + args.duration
         budget = [args.max_requests]
         workers = [
@@ -463,7 +538,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--timeout", type=float, default=60.0, help="per request, seconds")
     ap.add_argument("--max-requests", type=int, default=500_000, help="stop after this many requests")
-    ap.add_argument("--rss-every", type=float, default=5.0, help="seconds between RSS samples")
+    ap.add_argument("--rss-every", type=float, default=2.0, help="seconds between RSS samples")
+    ap.add_argument(
+        "--warmup", type=float, default=60.0, help="seconds of load before RSS samples count towards the slope"
+    )
+    ap.add_argument(
+        "--max-rss-slope",
+        type=float,
+        default=1.0,
+        help="fail when RSS grows faster than this, in %% of the mean RSS after warm-up per minute",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--demo-dir", default=os.environ.get("MEDGEMMA_DEMO_DIR", ""), help="where demo checkpoints live")
     ap.add_argument("--keep-log", action="store_true", help="keep the work dir (server log) after a passing run")
@@ -476,24 +560,21 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="medgemma-soak-"))
     model_dir = ensure_checkpoint("vlm", args.model, root=args.demo_dir or (work / "demo"))
     app = model_dir.name if model_dir.name else checkpoint_name("vlm", args.model)
-    port = free_port()
-    url = f"http://{HOST}:{port}"
-    print(f"starting bentoml serve on {url} (model {model_dir}, work dir {work})", flush=True)
-    proc = start_server(model_dir, port, work, args)
+    server = BentoServer(work, server_env(model_dir, args), host=HOST)
+    print(f"starting bentoml serve on {server.url} (model {model_dir}, work dir {work})", flush=True)
+    server.start()
     try:
-        try:
-            wait_ready(url, app, proc)
-        except RuntimeError:
-            print((work / "server.log").read_text(errors="replace")[-3000:], file=sys.stderr)
-            raise
+        health = server.wait_for_model(app, timeout=300)
+        if health.get("model_state") != "ready":
+            raise RuntimeError(f"model failed to load: {health.get('loading_error')}")
         print(f"ready; {args.clients} clients for {args.duration:.0f} s", flush=True)
-        stats, samples, elapsed = asyncio.run(drive(url, app, proc.pid, args))
-        alive = proc.poll() is None
-        after = normal_request_after(url, app) if alive else "server gone"
+        stats, samples, elapsed = asyncio.run(drive(server, app, args))
+        alive = server.proc is not None and server.proc.poll() is None
+        after = normal_request_after(server.url, app) if alive else "server gone"
     finally:
-        stop_server(proc)
+        server.stop()
     failed = report(
-        stats, samples, elapsed=elapsed, args=args, conditions=conditions, log_path=work / "server.log", after=after
+        stats, samples, elapsed=elapsed, args=args, conditions=conditions, log_path=server.log_path, after=after
     )
     if not args.keep_log and not failed:
         shutil.rmtree(work, ignore_errors=True)  # the server log, BENTOML_HOME and a demo built here

@@ -272,14 +272,16 @@ class MedGemmaCore:
         engine = self.manager.require()
         return discovery.describe(engine.loaded, self.settings)
 
-    def health(self) -> dict[str, Any]:
+    def health(self, *, details: bool = False) -> dict[str, Any]:
+        """Replica health. Anyone may read it (probes, status pages), so the model's source (often a filesystem
+        path) and the full load error are added only with ``details`` (an authenticated caller); everyone gets the
+        state and a short error summary without paths."""
         m = self.manager
         # One read of each: an idle unload may clear them on another thread while this runs.
         loaded, engine, state = m.loaded, m.engine, m.state
         body: dict[str, Any] = {
             "status": "draining" if self.draining else "healthy",
             "model": self.model_name,
-            "model_source": self.settings.model,
             "model_state": state.value,
             "device": loaded.device if loaded else None,
             "model_memory_mb": round(loaded.model.get_memory_footprint() / 2**20, 2) if loaded else 0.0,
@@ -289,7 +291,7 @@ class MedGemmaCore:
         if state is ModelState.LOADING:
             body["progress"] = m.progress_view()
         if state is ModelState.FAILED:
-            body["loading_error"] = m.error
+            body["loading_error"] = m.error_summary
         if engine is not None:
             st = engine.stats()
             body["engine"] = {
@@ -300,6 +302,8 @@ class MedGemmaCore:
             }
         if m.load_seconds is not None:
             body["load_seconds"] = round(m.load_seconds, 2)
+        if details:
+            body["details"] = {"model_source": self.settings.model, "loading_error": m.error}
         return body
 
     def models(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ clients and may be logged.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -165,3 +166,19 @@ def error_body(exc: ServiceError, *, openai: bool) -> dict[str, Any]:
         # Lifecycle answers carry the seed's fields too, so OpenAI clients can read state and progress.
         body.update({k: v for k, v in exc.body().items() if k != "error"})
     return body
+
+
+# Absolute and home-relative POSIX paths, relative ./ ../ paths and Windows drive paths. A slash right after a word
+# character or a colon is not a path start, so hub ids (google/medgemma-4b-it) and URLs keep their shape.
+_PATH = re.compile(r"""(?<![\w:/.~])(?:~|\.{1,2})?/[^\s'"`,;:()\[\]{}<>]*|\b[A-Za-z]:\\[^\s'"`,;()\[\]{}<>]*""")
+PUBLIC_ERROR_CHARS = 160
+
+
+def public_error(exc: BaseException, limit: int = PUBLIC_ERROR_CHARS) -> str:
+    """A short summary of ``exc`` that anyone may see: its class, the first line of its message with every
+    filesystem path replaced by ``<path>``, at most ``limit`` characters. The full text is for logs and for
+    callers who authenticated."""
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    text = f"{type(exc).__name__}: {_PATH.sub('<path>', first)}" if first else type(exc).__name__
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"

@@ -23,7 +23,7 @@ from typing import Any
 
 from medgemma.config import Settings
 from medgemma.engine import Engine
-from medgemma.errors import ModelFailed, ModelLoading
+from medgemma.errors import ModelFailed, ModelLoading, public_error
 from medgemma.loader import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,8 @@ class ModelManager:
         self.state = ModelState.UNLOADED
         self.loaded: LoadedModel | None = None
         self.engine: Engine | None = None
-        self.error: str | None = None
+        self.error: str | None = None  # the full load error: logs, model routes, authenticated /health
+        self.error_summary: str | None = None  # class and message without paths, short: anyone's /health
         self.failed_at: float | None = None
         self.load_started_at: float | None = None
         self.load_seconds: float | None = None
@@ -82,7 +83,7 @@ class ModelManager:
             if self.state in (ModelState.LOADING, ModelState.READY):
                 return False
             self._set(ModelState.LOADING)
-            self.error = None
+            self.error = self.error_summary = None
             self.load_started_at = time.monotonic()
             self.progress = {"phase": "starting"}
             self.loads += 1
@@ -124,6 +125,7 @@ class ModelManager:
             log.error("model loading failed: %s", message)
             with self._lock:
                 self.error = message[:2000]
+                self.error_summary = public_error(exc)
                 self.failed_at = time.monotonic()
                 self._set(ModelState.FAILED)
             return

@@ -4,7 +4,8 @@ It does the cross-cutting work once, for the BentoML APIs and the mounted routes
 
 * request ids: ``X-Request-ID`` is taken (if sane) or generated, put in ``scope["state"]`` and echoed;
 * auth: with an API token set, every route but liveness/readiness/metrics/health needs ``Authorization: Bearer``
-  (compared in constant time);
+  (compared in constant time); whether the caller presented it is put in ``scope["state"]`` for the open routes
+  that show more to authenticated callers (``/health``'s details);
 * body size: ``Content-Length`` over the limit → 413 before the app reads anything; bodies without a length are
   counted as they stream and cut off at the limit;
 * one error shape: error responses that did not come from this project (BentoML's validation errors, its 4xx
@@ -75,7 +76,9 @@ class EdgeMiddleware:
         rid = headers.get(b"x-request-id", b"").decode("latin-1")
         if not _REQUEST_ID.fullmatch(rid):
             rid = uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = rid
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
+        state["authenticated"] = self._token_ok(headers)
         path: str = scope.get("path", "")
         openai = self.openai_path(path)
         status_holder = {"status": 0}
@@ -121,11 +124,9 @@ class EdgeMiddleware:
             )
 
     def _check(self, scope: Scope, headers: dict[bytes, bytes], path: str) -> ServiceError | None:
-        if self.api_token and not self._is_open(path) and scope.get("method") != "OPTIONS":
-            auth = headers.get(b"authorization", b"")
-            scheme, _, token = auth.partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_token):
-                return Unauthorized()
+        needs_token = self.api_token and not self._is_open(path) and scope.get("method") != "OPTIONS"
+        if needs_token and not scope["state"]["authenticated"]:
+            return Unauthorized()
         length = headers.get(b"content-length")
         if length is not None:
             try:
@@ -135,6 +136,13 @@ class EdgeMiddleware:
             if n > self.max_body_bytes:
                 return _too_large(n, self.max_body_bytes)
         return None
+
+    def _token_ok(self, headers: dict[bytes, bytes]) -> bool:
+        """An API token is set and the request carries it. Without a token nobody is authenticated."""
+        if not self.api_token:
+            return False
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_token)
 
     def _is_open(self, path: str) -> bool:
         """Probes, the API description and the playground page: exact paths and prefixes only, so no app name
@@ -164,6 +172,11 @@ class EdgeMiddleware:
 def scope_request_id(scope: Scope) -> str | None:
     """The request id this middleware put into the ASGI scope (for routes and BentoML APIs alike)."""
     return scope.get("state", {}).get("request_id")
+
+
+def scope_authenticated(scope: Scope) -> bool:
+    """True when an API token is set and this request presented it (see ``EdgeMiddleware``)."""
+    return scope.get("state", {}).get("authenticated") is True
 
 
 def _is_json(headers: dict[bytes, bytes]) -> bool:

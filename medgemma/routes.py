@@ -18,7 +18,7 @@ from starlette.requests import ClientDisconnect
 
 from medgemma.core import ClientGone, MedGemmaCore
 from medgemma.errors import BadRequest, InternalError, ServiceError, error_body
-from medgemma.middleware import OWN_ERROR_HEADER, scope_request_id
+from medgemma.middleware import OWN_ERROR_HEADER, scope_authenticated, scope_request_id
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +62,9 @@ def seed_app(core: Callable[[], MedGemmaCore]) -> FastAPI:
             return error_response(exc)
 
     @app.get("/health")
-    async def health() -> Response:
+    async def health(request: Request) -> Response:
         try:
-            return json_response(core().health())
+            return json_response(core().health(details=scope_authenticated(request.scope)))
         except Exception as exc:
             return error_response(exc)
 

@@ -17,7 +17,7 @@ from starlette.responses import Response
 
 from medgemma.core import MedGemmaCore
 from medgemma.errors import BadRequest
-from medgemma.middleware import RedactRequestData, scope_request_id
+from medgemma.middleware import RedactRequestData, scope_authenticated, scope_request_id
 
 
 async def seed_payload(ctx: bentoml.Context, decoded: dict[str, Any]) -> dict[str, Any]:
@@ -87,6 +87,10 @@ def drain_on_sigterm(core: MedGemmaCore) -> None:
 
 def request_id(ctx: bentoml.Context) -> str | None:
     return scope_request_id(ctx.request.scope)
+
+
+def authenticated(ctx: bentoml.Context) -> bool:
+    return scope_authenticated(ctx.request.scope)
 
 
 def respond(ctx: bentoml.Context, response: Response) -> Any:

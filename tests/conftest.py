@@ -1,21 +1,20 @@
-"""Shared fixtures: tiny demo checkpoints (built once per session) and real `bentoml serve` subprocesses."""
+"""Shared fixtures: tiny demo checkpoints (built once per session); real `bentoml serve` servers (devtools.server)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
-import subprocess
 import sys
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `pytest` (not `python -m pytest`) does not put the checkout on sys.path
+    sys.path.insert(0, str(ROOT))
+
+from devtools.server import BentoServer, free_port, serve, wait_for_model  # noqa: E402
+
+__all__ = ["Server", "bentoml_serve", "free_port", "wait_for_model"]
 
 
 @pytest.fixture(scope="session")
@@ -39,96 +38,7 @@ def tiny_text(demo_root: Path) -> Path:
     return ensure_checkpoint("text", "tiny", root=demo_root)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Server:
-    url: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-@contextlib.contextmanager
-def bentoml_serve(
-    env: dict[str, str],
-    tmp_path: Path,
-    *,
-    port: int | None = None,
-    pass_port: bool = True,
-    ready_timeout: float = 120.0,
-) -> Iterator[Server]:
-    """Run `bentoml serve service:MedGemma` on a free port; yield once /readyz answers; always stop it.
-
-    ``pass_port=False`` starts it without ``-p`` (and without BENTOML_CONFIG*), expecting it on ``port`` anyway:
-    how the tests prove that configuration.yaml's port is applied by the service itself.
-    """
-    port = port or free_port()
-    log_path = tmp_path / f"serve-{port}.log"
-    inherited = {
-        k: v for k, v in os.environ.items() if pass_port or not k.startswith(("BENTOML_PORT", "BENTOML_CONFIG"))
-    }
-    full_env = {
-        **inherited,
-        "BENTOML_HOME": str(tmp_path / "bentoml-home"),
-        "BENTOML_DO_NOT_TRACK": "true",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONUNBUFFERED": "1",
-        **env,
-    }
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "bentoml",
-                "serve",
-                "service:MedGemma",
-                *(["-p", str(port)] if pass_port else []),
-                "--host",
-                "127.0.0.1",
-            ],
-            cwd=ROOT,
-            env=full_env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    server = Server(url, proc, log_path)
-    try:
-        deadline = time.monotonic() + ready_timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited with {proc.returncode}:\n{server.log()[-4000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"bentoml serve not ready after {ready_timeout} s:\n{server.log()[-4000:]}")
-            time.sleep(0.3)
-        yield server
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
-def wait_for_model(url: str, app: str, timeout: float = 120.0) -> dict:
-    """Poll /{app}/v1/health until the model is ready (or failed); return the last health body."""
-    deadline = time.monotonic() + timeout
-    body: dict = {}
-    while time.monotonic() < deadline:
-        body = httpx.get(f"{url}/{app}/v1/health", timeout=5).json()
-        if body.get("model_state") in ("ready", "failed"):
-            return body
-        time.sleep(0.2)
-    raise AssertionError(f"model not ready after {timeout} s: {body}")
+# One implementation for the tests, the benchmark and the soak (devtools/server.py). The names are re-exported here
+# because the test modules import them from this file.
+Server = BentoServer
+bentoml_serve = serve

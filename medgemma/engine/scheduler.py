@@ -38,7 +38,8 @@ from medgemma.engine.attention import Chunk
 from medgemma.engine.handle import RequestHandle
 from medgemma.engine.kv_cache import KVLayout, PagedKVCache, RowKV
 from medgemma.engine.prepare import PreparedRequest, Preparer
-from medgemma.engine.sampling import SampleInput, make_generator, partial_stop_suffix, sample
+from medgemma.engine.sampling import SampleInput, make_generator, sample
+from medgemma.engine.text import TextOut
 from medgemma.errors import BadRequest, EngineUnavailable, InternalError, Overloaded, ServiceError
 from medgemma.loader import LoadedModel
 from medgemma.protocol import FinishReason, GenerationRequest, GenerationResult, Timings, TokenDelta
@@ -67,14 +68,10 @@ class _Row:
     generator: torch.Generator | None
     spans: list[tuple[int, int]]
     image_groups: torch.Tensor | None
+    text: TextOut
     cached: int = 0  # positions whose K/V are in the cache
     generated: list[int] = field(default_factory=list)
     first_token_at: float | None = None
-    # incremental detokenization (prefix/read offsets, as TGI and vLLM do it)
-    prefix_offset: int = 0
-    read_offset: int = 0
-    emitted: str = ""
-    held: str = ""  # decoded text withheld because it may be the start of a stop string
     finish: FinishReason | None = None
 
     @property
@@ -257,6 +254,7 @@ class Engine:
                     generator=make_generator(p.params, self.device),
                     spans=spans,
                     image_groups=groups,
+                    text=TextOut(self._decode, lambda t, h=h: h._emit(TokenDelta(t)), p.params.stop),
                 )
             )
 
@@ -395,46 +393,16 @@ class Engine:
             else:
                 row.generated.append(tok)
                 if row.handle.streaming or row.params.stop:  # a plain request is decoded once, at the end
-                    self._emit_text(row)
+                    row.text.feed(row.generated)
+                    if row.text.stopped:
+                        row.finish = "stop"
                 if row.finish is None and len(row.generated) >= row.params.max_new_tokens:
                     row.finish = "length"
             if row.finish is not None or row.handle.cancelled.is_set():
                 self._complete(row)
 
-    # -- text out
-    def _emit_text(self, row: _Row) -> None:
-        ids = row.generated
-        prefix = self.tokenizer.decode(ids[row.prefix_offset : row.read_offset], skip_special_tokens=True)
-        full = self.tokenizer.decode(ids[row.prefix_offset :], skip_special_tokens=True)
-        if full.endswith("\ufffd") and len(ids) - row.read_offset < 4:
-            return  # maybe a multi-byte character still arriving (UTF-8 needs at most 4 byte tokens): wait
-        if len(full) <= len(prefix):
-            return
-        delta = full[len(prefix) :]
-        row.prefix_offset, row.read_offset = row.read_offset, len(ids)
-        self._push(row, delta)
-
-    def _push(self, row: _Row, delta: str) -> None:
-        """Send ``delta`` to the client, holding back any tail that may be the start of a stop string."""
-        pending = row.held + delta
-        stops = row.params.stop
-        if stops:
-            combined = row.emitted + pending
-            start = max(0, len(row.emitted) - max(len(s) for s in stops))
-            hits = [at for at in (combined.find(s, start) for s in stops) if at != -1]
-            if hits:
-                row.held, row.finish = "", "stop"
-                self._send(row, combined[len(row.emitted) : min(hits)])
-                return
-            keep = min(partial_stop_suffix(combined, stops), len(pending))
-            pending, row.held = pending[: len(pending) - keep], pending[len(pending) - keep :]
-        self._send(row, pending)
-
-    @staticmethod
-    def _send(row: _Row, text: str) -> None:
-        if text:
-            row.emitted += text
-            row.handle._emit(TokenDelta(text))
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     # -- leaving the batch
     def _leave(self, row: _Row) -> None:
@@ -445,16 +413,7 @@ class Engine:
 
     def _complete(self, row: _Row) -> None:
         finish: FinishReason = row.finish or ("cancelled" if row.handle.cancelled.is_set() else "length")
-        if row.params.stop:
-            # The stream already holds the text up to a stop string; text held back as a possible stop is released.
-            self._send(row, row.held)
-            row.held = ""
-            text = row.emitted
-        else:
-            # The response text is the decode of every generated token; the stream gets whatever it has not shown.
-            text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
-            if finish != "cancelled" and text.startswith(row.emitted):
-                self._send(row, text[len(row.emitted) :])
+        text = row.text.finish(row.generated, streamed=row.handle.streaming, cancelled=finish == "cancelled")
         self._leave(row)
         end = time.perf_counter()
         h = row.handle

@@ -139,6 +139,21 @@ def test_auth_accepts_the_token_and_leaves_probes_open(secured, tiny_vlm):
         assert httpx.get(secured.url + path, timeout=10).status_code == 200, path
 
 
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_health_details_only_with_the_token(secured, tiny_vlm, method):
+    url = f"{secured.url}/{tiny_vlm.name}/v1/health"
+    for header in (None, "Bearer wrong-token"):
+        anyone = httpx.request(method, url, headers={"Authorization": header} if header else {}, timeout=10)
+        assert anyone.status_code == 200
+        body = anyone.json()
+        assert body["model_state"] == "ready"
+        assert "details" not in body and "model_source" not in body
+        assert str(tiny_vlm) not in anyone.text  # the checkpoint's filesystem path
+    authed = httpx.request(method, url, headers={"Authorization": "Bearer s3cret-token"}, timeout=10).json()
+    assert authed["model_state"] == "ready"
+    assert authed["details"] == {"model_source": str(tiny_vlm), "loading_error": None}
+
+
 def _dicom_with_marker() -> str:
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid

@@ -416,6 +416,8 @@ def test_logs_hold_no_prompt_text_of_malformed_bodies(vlm, content):
 def test_sync_http_client(vlm, tmp_path):
     import bentoml
 
+    from medgemma.client import uploadable
+
     path = tmp_path / "xray.png"
     path.write_bytes(PNG)
     with bentoml.SyncHTTPClient(vlm.url, timeout=TIMEOUT, server_ready_timeout=30) as client:
@@ -429,6 +431,10 @@ def test_sync_http_client(vlm, tmp_path):
             body = client.generate(text="Describe this X-ray", image=image, max_new_tokens=4)
         assert body["status"] == "success"
         assert body["images"][0]["size"] == [40, 32]
+
+        made_in_memory = uploadable(Image.new("RGB", (24, 18), (9, 99, 199)))
+        body = client.generate(text="Describe this", image=made_in_memory, max_new_tokens=2)
+        assert body["images"][0]["size"] == [24, 18]
 
         schema = client.schema()
         assert schema["model_class"] == "Gemma3ForConditionalGeneration"
@@ -487,7 +493,10 @@ def test_failed_load_health_answers(failed):
     assert r.status_code == 200
     health = r.json()
     assert health["model_state"] == "failed"
-    assert "/nonexistent/x" in health["loading_error"]
+    # Open to anyone (no token is set): a short summary without the path; the full error is on the model routes.
+    assert health["loading_error"] == "FileNotFoundError: model directory <path> does not exist"
+    assert "/nonexistent" not in r.text
+    assert "details" not in health
 
 
 @pytest.mark.parametrize(("method", "route"), [("POST", "generate"), ("GET", "schema"), ("POST", "schema")])

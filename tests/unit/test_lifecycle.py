@@ -72,6 +72,8 @@ def test_failed_load_is_stored_then_retried_after_backoff(tmp_path):
     assert body["error"].startswith("Model loading failed: ")
     assert str(missing) in body["loading_error"]
     assert "does not exist" in body["loading_error"]
+    # What /health shows to anyone: class and message, without the path.
+    assert m.error_summary == "FileNotFoundError: model directory <path> does not exist"
     time.sleep(0.6)
     with pytest.raises(ModelLoading):  # backoff over: this request starts a retry
         m.require()

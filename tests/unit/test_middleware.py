@@ -113,3 +113,87 @@ def test_deeply_nested_json_is_a_400_not_a_crash():
 
     _, problem = asyncio.run(_read_json_object(receive, {"state": {}}))
     assert problem is not None and problem.status_code == 400
+
+
+def _call_edge(edge_kwargs: dict, path: str, headers: list[tuple[bytes, bytes]]) -> tuple[dict, int]:
+    """Run one GET through a real EdgeMiddleware in front of an app that records what the middleware told it."""
+    import asyncio
+
+    from medgemma.middleware import EdgeMiddleware, scope_authenticated
+
+    seen: dict = {}
+
+    async def app(scope, receive, send):
+        seen["authenticated"] = scope_authenticated(scope)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": path, "headers": headers}
+    asyncio.run(EdgeMiddleware(app, **edge_kwargs)(scope, receive, send))
+    return seen, sent[0]["status"]
+
+
+@pytest.mark.parametrize(
+    ("token", "header", "authenticated"),
+    [
+        ("", None, False),  # no token configured: nobody is authenticated, whatever they send
+        ("", b"Bearer anything", False),
+        ("t0k", None, False),
+        ("t0k", b"Bearer wrong", False),
+        ("t0k", b"Basic t0k", False),
+        ("t0k", b"Bearer t0k", True),
+        ("t0k", b"bearer t0k ", True),
+    ],
+)
+def test_open_health_learns_whether_the_caller_authenticated(token, header, authenticated):
+    headers = [(b"authorization", header)] if header else []
+    seen, status = _call_edge({"api_token": token}, "/app/v1/health", headers)
+    assert status == 200  # health stays open either way
+    assert seen == {"authenticated": authenticated}
+
+
+def test_model_routes_still_need_the_token():
+    seen, status = _call_edge({"api_token": "t0k"}, "/app/v1/models", [(b"authorization", b"Bearer wrong")])
+    assert status == 401 and seen == {}
+    seen, status = _call_edge({"api_token": "t0k"}, "/app/v1/models", [(b"authorization", b"Bearer t0k")])
+    assert status == 200 and seen == {"authenticated": True}
+
+
+@pytest.mark.parametrize(
+    ("exc", "summary"),
+    [
+        (
+            FileNotFoundError("model directory /srv/models/ward-7/ckpt does not exist"),
+            "FileNotFoundError: model directory <path> does not exist",
+        ),
+        (
+            RuntimeError("could not load the weights from /m/x: OSError: no file '/m/x/model.safetensors'"),
+            "RuntimeError: could not load the weights from <path>: OSError: no file '<path>'",
+        ),
+        (ValueError("see ~/ckpt, ./rel/dir and C:\\models\\m"), "ValueError: see <path>, <path> and <path>"),
+        # hub ids and URLs are not paths
+        (OSError("google/medgemma-4b-it is gated: https://hf.co/google"), None),
+        (KeyError(), "KeyError"),
+        (RuntimeError('first line\n  File "/usr/lib/x.py", line 3'), "RuntimeError: first line"),
+    ],
+)
+def test_public_error_is_short_and_has_no_paths(exc, summary):
+    from medgemma.errors import public_error
+
+    text = public_error(exc)
+    assert text == (summary or f"OSError: {exc}")
+
+
+def test_public_error_is_capped():
+    from medgemma.errors import PUBLIC_ERROR_CHARS, public_error
+
+    text = public_error(RuntimeError("x" * 5000))
+    assert len(text) == PUBLIC_ERROR_CHARS and text.endswith("…")
