@@ -101,13 +101,7 @@ class MemorySampler:
         self._thread.start()
 
     def rss(self) -> int:
-        total = 0
-        for p in self.server.processes():
-            try:
-                total += p.memory_info().rss
-            except Exception:  # a process of the tree may exit between listing and reading
-                continue
-        return total
+        return self.server.rss_bytes()
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -195,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         server = Server(model_dir, "mixed", threads=args.threads, max_batch=16, workdir=Path(tmp))
         server.start()
         try:
-            health = server.wait_ready()
+            health = server.wait_model()
             url = f"{server.url}/mixed/v1/generate"
             log("warm-up")
             scenario(server, url, long_text=None, shorts=shorts[:4], args=args)

@@ -47,7 +47,6 @@ from medgemma.protocol import FinishReason, GenerationRequest, GenerationResult,
 log = logging.getLogger(__name__)
 
 _MIN_CHUNK = 16  # a prompt always advances at least this much per step
-_EMA = 0.3
 
 
 @dataclass
@@ -135,7 +134,8 @@ class Engine:
         self._draining = False
         self._thread: threading.Thread | None = None
         self._published: tuple[int, ...] = ()
-        self._costs = StepCosts()  # measured: a decode step's seconds by rows, and a prompt token's extra seconds
+        self._decode_cost = DecodeCost()  # measured seconds of a decode step, by rows
+        self._long_budget = float(_MIN_CHUNK)  # tokens of long prompts per step while decoding, adjusted by feedback
         self.steps = 0
         self.finished = 0
         self.fault_injector: Callable[[str, list[str]], None] | None = None  # tests: ("forward"|"sample", ids)
@@ -269,19 +269,30 @@ class Engine:
             return
         t0 = time.perf_counter()
         self._forward_rows(work)
-        self._costs.observe(len(decoding), sum(e - s for _, s, e in chunks), time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
         self.steps += 1
+        if not chunks:
+            self._decode_cost.observe(len(decoding), seconds)
+        elif decoding and any(r.n_input > self.prefill_chunk_tokens for r, _, _ in chunks):
+            self._steer_long_budget(len(decoding), seconds)
+
+    def _steer_long_budget(self, n_decoding: int, seconds: float) -> None:
+        """Feedback: scale the long-prompt budget by how far this step's time was from decode time x (1 + share).
+
+        Step time grows about linearly with the prompt tokens in it, so multiplying the budget by target / actual
+        converges on the share; the factor is bounded per step so that one noisy step cannot swing it."""
+        decode_s = self._decode_cost.seconds(n_decoding)
+        if decode_s is None or seconds <= 0:
+            return
+        factor = min(max((1 + self.prefill_share) * decode_s / seconds, 0.5), 2.0)
+        self._long_budget = min(max(self._long_budget * factor, _MIN_CHUNK), self.prefill_chunk_tokens)
 
     def _long_prompt_budget(self, n_decoding: int) -> int:
-        """Tokens of multi-chunk prompts to read this step: all a chunk holds when nobody decodes, else what adds
-        ``prefill_share`` to the predicted decode step at the measured extra cost of a prompt token."""
+        """Tokens of multi-chunk prompts to read this step: a whole chunk when nobody decodes, else the budget the
+        feedback keeps at ``prefill_share`` of a decode step's time."""
         if not n_decoding:
             return self.prefill_chunk_tokens
-        decode_s, per_token = self._costs.decode_seconds(n_decoding), self._costs.per_prompt_token
-        if decode_s is None or per_token is None:
-            return _MIN_CHUNK
-        budget = self.prefill_share * decode_s / per_token
-        return int(min(max(budget, _MIN_CHUNK), self.prefill_chunk_tokens))
+        return int(self._long_budget)
 
     def _prefill_chunks(self, n_decoding: int) -> list[tuple[_Row, int, int]]:
         """This step's prompt chunks: fewest tokens left first, never splitting an image.
@@ -450,36 +461,24 @@ class Engine:
 # --- helpers ---------------------------------------------------------------------------------------------------------
 
 
-class StepCosts:
-    """What the scheduler measures to size prompt chunks while requests decode.
+class DecodeCost:
+    """Seconds of a decode step fitted as ``fixed + per_row * rows`` by least squares with exponential forgetting,
+    over steps that read no prompt (rows come and go, which separates the two terms)."""
 
-    * a decode step's seconds as ``fixed + per_row * rows``, fitted by least squares (with exponential forgetting)
-      over steps that read no prompt;
-    * a prompt token's extra seconds in a step: (step - predicted decode step) / prompt tokens, a moving average
-      (for steps without decoding rows, the step's seconds per token, an upper bound).
-    """
-
-    def __init__(self, forget: float = 0.9) -> None:
+    def __init__(self, forget: float = 0.95) -> None:
         self.forget = forget
-        self._s = [0.0] * 5  # decode-only steps: sums of w, w*n, w*t, w*n*n, w*n*t
-        self.per_prompt_token: float | None = None
+        self._s = [0.0] * 5  # sums of w, w*n, w*t, w*n*n, w*n*t
 
-    def observe(self, n_decode: int, n_prompt: int, seconds: float) -> None:
-        if not n_prompt:
-            n, t = float(n_decode), seconds
-            self._s = [self.forget * a + b for a, b in zip(self._s, (1.0, n, t, n * n, n * t), strict=True)]
-            return
-        predicted = self.decode_seconds(n_decode) if n_decode else 0.0
-        if predicted is None:
-            return
-        self.per_prompt_token = _ema(self.per_prompt_token, max(seconds - predicted, 0.0) / n_prompt)
+    def observe(self, rows: int, seconds: float) -> None:
+        n, t = float(rows), seconds
+        self._s = [self.forget * a + b for a, b in zip(self._s, (1.0, n, t, n * n, n * t), strict=True)]
 
-    def decode_seconds(self, rows: int) -> float | None:
+    def seconds(self, rows: int) -> float | None:
         w, sn, st, snn, snt = self._s
         if w == 0:
             return None
         denom = w * snn - sn * sn
-        if denom > 1e-9 * max(w * snn, 1e-12):  # rows varied enough to separate the fixed cost from the slope
+        if denom > 1e-9 * max(w * snn, 1e-12):
             slope = (w * snt - sn * st) / denom
             if slope >= 0:
                 return max((st - slope * sn) / w + slope * rows, 0.0)
@@ -497,10 +496,6 @@ def default_kv_budget(layout: KVLayout, device: torch.device) -> int:
 
 def _longest(spans: list[tuple[int, int]]) -> int:
     return max((e - s for s, e in spans), default=0)
-
-
-def _ema(old: float | None, new: float) -> float:
-    return new if old is None else (1 - _EMA) * old + _EMA * new
 
 
 def _as_list(x: Any) -> list[int]:
