@@ -36,6 +36,7 @@ import torch
 from medgemma.demo import CHAT_TEMPLATE as GEMMA3_CHAT_TEMPLATE
 from medgemma.errors import BadRequest, EngineUnavailable, InternalError, Overloaded, ServiceError
 from medgemma.loader import LoadedModel
+from medgemma.lora import LoraSet, resolve_adapter, rows_active
 from medgemma.protocol import (
     FinishReason,
     GenerationRequest,
@@ -63,6 +64,7 @@ class PreparedRequest:
     token_type_ids: torch.Tensor | None  # (L,) 1 where image soft tokens are
     pixel_values: torch.Tensor | None  # (n_images, 3, H, W)
     params: SamplingParams
+    adapter_index: int = -1  # LoRA: the adapter's slot in Engine.lora (medgemma.lora), -1 = the base model
 
     @property
     def n_input(self) -> int:
@@ -263,8 +265,10 @@ class Engine:
         prefill_token_budget: int = 16384,
         on_finish: Callable[[RequestHandle], None] | None = None,
         on_stats: Callable[[EngineStats], None] | None = None,
+        lora: LoraSet | None = None,
     ) -> None:
         self.loaded = loaded
+        self.lora = lora  # LoRA adapters served over this model, chosen per request (medgemma.lora)
         self.model = loaded.model
         self.processor = loaded.processor
         self.tokenizer = loaded.tokenizer
@@ -371,6 +375,7 @@ class Engine:
             token_type_ids=tti[0] if tti is not None and images else None,
             pixel_values=enc.get("pixel_values") if images else None,
             params=req.params,
+            adapter_index=resolve_adapter(self.lora, req.adapter),  # LoRA: name -> slot, or 404/202/503
         )
 
     def _check_reserved_tokens(self, req: GenerationRequest) -> None:
@@ -499,15 +504,18 @@ class Engine:
         from transformers import DynamicCache
 
         cache = DynamicCache()
-        out = self.model(
-            input_ids=input_ids.to(self.device),
-            attention_mask=mask.to(self.device),
-            position_ids=position_ids.to(self.device),
-            use_cache=True,
-            logits_to_keep=1,
-            **{self._cache_kw: cache},
-            **kwargs,
-        )
+        # LoRA: each row's adapter for its tokens, and for its images in the vision tower (pixels are row-ordered).
+        n_images = [0 if p.pixel_values is None else int(p.pixel_values.shape[0]) for p in preps]
+        with rows_active(self.lora, [p.adapter_index for p in preps], n_images):
+            out = self.model(
+                input_ids=input_ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=position_ids.to(self.device),
+                use_cache=True,
+                logits_to_keep=1,
+                **{self._cache_kw: cache},
+                **kwargs,
+            )
         logits = out.logits[:, -1, :].float()
         rows = []
         for h, p in zip(handles, preps, strict=True):
@@ -542,14 +550,15 @@ class Engine:
         try:
             if self.fault_injector:
                 self.fault_injector("decode")
-            out = self.model(
-                input_ids=last,
-                attention_mask=mask,
-                position_ids=position_ids,
-                use_cache=True,
-                logits_to_keep=1,
-                **{self._cache_kw: batch.cache},
-            )
+            with rows_active(self.lora, [r.handle.prepared.adapter_index for r in batch.rows]):  # LoRA, per row
+                out = self.model(
+                    input_ids=last,
+                    attention_mask=mask,
+                    position_ids=position_ids,
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **{self._cache_kw: batch.cache},
+                )
         except Exception as exc:
             _free_memory()
             log.error("decode step failed for %d requests: %s", len(batch.rows), type(exc).__name__)
