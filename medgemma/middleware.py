@@ -10,11 +10,13 @@ It does the cross-cutting work once, for the BentoML APIs and the mounted routes
 * one error shape: error responses that did not come from this project (BentoML's validation errors, its 4xx
   lists, starlette's plain-text 404/405) are rewritten into ``{"status": "error", "error": ...}`` — or OpenAI's
   ``{"error": {...}}`` on OpenAI routes — so a client never has to parse a second shape;
-* one access-log line per request: id, method, path, status, duration. Never bodies.
+* one access-log line per request: id, method, path, status, duration, and what the handler noted with
+  ``note_access`` (the LoRA adapter that answered). Never bodies.
 """
 
 from __future__ import annotations
 
+import contextvars
 import hmac
 import json
 import logging
@@ -38,6 +40,18 @@ OWN_ERROR_HEADER = b"x-medgemma-error"  # set on every error body this project w
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 OPEN_PATHS = ("/livez", "/readyz", "/healthz", "/metrics")
 _DOC_PATHS = frozenset({"/", "/docs", "/docs.json", "/schema.json"})
+
+
+# Fields the request's handler adds to its access-log line. The middleware puts a fresh dict in the context of each
+# request; the handler (same task, or a thread or task started from it) fills it.
+_ACCESS_NOTES: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("access_notes", default=None)
+
+
+def note_access(key: str, value: str) -> None:
+    """Add ``key=value`` to the current request's access-log line (values must never be patient data)."""
+    notes = _ACCESS_NOTES.get()
+    if notes is not None:
+        notes[key] = value
 
 
 def is_openai_path(path: str) -> bool:
@@ -79,6 +93,8 @@ class EdgeMiddleware:
         path: str = scope.get("path", "")
         openai = self.openai_path(path)
         status_holder = {"status": 0}
+        notes: dict[str, str] = {}
+        notes_token = _ACCESS_NOTES.set(notes)
 
         async def send_logged(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -112,13 +128,15 @@ class EdgeMiddleware:
                 except Exception:  # metrics must never break a response
                     log.debug("on_response hook failed", exc_info=True)
             log.info(
-                "request_id=%s method=%s path=%s status=%s duration_ms=%.1f",
+                "request_id=%s method=%s path=%s status=%s duration_ms=%.1f%s",
                 rid,
                 scope.get("method"),
                 path,
                 status_holder["status"],
                 (time.perf_counter() - started) * 1000,
+                "".join(f" {k}={v}" for k, v in notes.items()),
             )
+            _ACCESS_NOTES.reset(notes_token)
 
     def _check(self, scope: Scope, headers: dict[bytes, bytes], path: str) -> ServiceError | None:
         if self.api_token and not self._is_open(path) and scope.get("method") != "OPTIONS":

@@ -85,8 +85,11 @@ def gpu_snapshot() -> dict[str, float | None]:
     return out
 
 
-def compute_metrics(duration_s: float, result: GenerationResult | None = None) -> dict[str, Any]:
-    """The seed's ``compute_metrics`` object, plus token counts and per-request timings."""
+def compute_metrics(
+    duration_s: float, result: GenerationResult | None = None, *, adapter: str | None = None
+) -> dict[str, Any]:
+    """The seed's ``compute_metrics`` object, plus token counts, per-request timings and the LoRA adapter that
+    answered (null for the base model)."""
     metrics: dict[str, Any] = {
         "query_duration_seconds": round(duration_s, 4),
         "replica_cpu_percent": _process.cpu_percent(None),
@@ -102,6 +105,7 @@ def compute_metrics(duration_s: float, result: GenerationResult | None = None) -
                 "queue_wait_seconds": _r(t.queue_wait_s),
                 "time_to_first_token_seconds": _r(t.time_to_first_token_s),
                 "output_tokens_per_second": _r(t.output_tokens_per_second, 2),
+                "adapter": adapter,
             }
         )
     return metrics
