@@ -380,6 +380,12 @@ class LoraSet:
         memory = 0
         targets: set[str] = set()
         vision = False
+        has_tower = any(".vision_tower." in f".{p}." for p in self._modules)
+        if not has_tower and any("vision_tower" in p for p in [*adapter.lora, *adapter.replaced]):
+            raise AdapterError(
+                "the adapter adapts a vision tower, which this text-only model does not have: it was trained on an "
+                "image+text model"
+            )
         for saved, t in adapter.lora.items():
             path, module = self._find(saved)
             _check_target(path, module)
@@ -428,12 +434,18 @@ class LoraSet:
         return _Bound(lora=lora, replace=replace, memory_bytes=memory)
 
     def _find(self, saved: str) -> tuple[str, nn.Module]:
+        if "multi_modal_projector" in saved:
+            raise AdapterError(
+                f"the adapter changes the multimodal projector ({saved}), which this server does not serve per request"
+            )
         for candidate in _candidates(saved):
             module = self._modules.get(candidate)
             if module is not None:
                 return candidate, module
-        where = "the vision tower" if "vision" in saved else "the served model"
-        raise AdapterError(f"the adapter adapts layer {saved}, which {where} does not have: another base model?")
+        raise AdapterError(
+            f"the adapter adapts layer {saved}, which the served model does not have: it was trained on another base "
+            "model"
+        )
 
     # -- installing (engine thread, or the loader while the engine is idle)
     def _install_pending(self) -> None:
@@ -538,8 +550,6 @@ def _domain(path: str, module: nn.Module, model: nn.Module) -> Domain:
 
 
 def _check_target(path: str, module: nn.Module) -> None:
-    if "multi_modal_projector" in path:
-        raise AdapterError(f"the adapter changes the multimodal projector ({path}), which this server does not serve")
     if not hasattr(module, "weight") or not all(_features(module)):
         raise AdapterError(f"layer {path} is a {type(module).__name__}, not a linear layer LoRA can adapt")
 
