@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from medgemma import lora as lora_mod
 from medgemma.config import Settings
 from medgemma.demo_lora import build_adapter, load_base, merged_model
 from medgemma.engine import Engine
-from medgemma.errors import AdapterFailed, NotFound
+from medgemma.errors import AdapterFailed, AdapterLoading, NotFound
 from medgemma.loader import load_model
 from medgemma.lora import LoraSet, rows_active
 from medgemma.protocol import GenerationRequest, ImagePart, Message, SamplingParams, TextPart
@@ -248,3 +249,33 @@ def test_no_adapter_in_the_batch_costs_no_lora_work(tiny_vlm, adapters):
         assert ls._active is None  # nothing is planned or indexed for a base-only batch
     with rows_active(ls, [0, -1]):
         assert ls._active is not None
+
+
+def test_adapter_loaded_while_the_engine_decodes_is_installed_between_steps(tiny_vlm, adapters):
+    """Loading happens on another thread; layers are only swapped between forward passes, and the running
+    request (base) is not disturbed by an adapter arriving mid-generation."""
+    loaded = load_model(Settings(model=str(tiny_vlm)))
+    ls = LoraSet(loaded.model, max_adapters=2, max_rank=64)
+    ls.register("late", str(adapters["notebook"]))
+    engine = Engine(loaded, max_batch_size=4, lora=ls)
+    engine.start()
+    try:
+        base_req = GenerationRequest(
+            [Message("user", (TextPart("Tell me about the heart"),))], SamplingParams.resolve(max_new_tokens=150)
+        )
+        with pytest.raises(AdapterLoading) as err:  # not loaded yet: 202
+            engine.prepare(GenerationRequest(base_req.messages, base_req.params, adapter="late"))
+        assert err.value.status_code == 202
+        running = engine.submit(engine.prepare(base_req))
+        deadline = time.monotonic() + 30
+        while engine.steps < 3 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        ls.load("late")  # the engine is decoding: the install waits for a step boundary
+        assert ls.adapters["late"].state == "ready"
+        adapted = GenerationRequest(base_req.messages, SamplingParams.resolve(max_new_tokens=12), adapter="late")
+        ours = engine.submit(engine.prepare(adapted)).wait_sync(60).token_ids
+        base_tokens = running.wait_sync(120).token_ids
+    finally:
+        engine.stop()
+    assert base_tokens == reference_tokens(loaded_with(tiny_vlm, None), base_req)
+    assert ours == reference_tokens(loaded_with(tiny_vlm, adapters["notebook"]), adapted)
