@@ -3,7 +3,8 @@
 Everything the service *does* lives in ``medgemma/`` (``MedGemmaCore``); this file turns HTTP into calls on it.
 
 Routes (``{app}`` = ``MEDGEMMA_APP_NAME``, derived from the model by default):
-  POST /{app}/v1/generate         seed API, simple or chat format; ``"stream": true`` → server-sent events
+  POST /{app}/v1/generate         seed API, simple or chat format; ``"stream": true`` → server-sent events;
+                                  ``"adapter"`` picks a LoRA adapter (MEDGEMMA_LORA_ADAPTERS)
   POST|GET /{app}/v1/schema       dynamic input discovery (GET via the mounted app)
   POST|GET /{app}/v1/health       replica health and model state; always answers
   GET  /{app}/v1/models           model listing (OpenAI list shape)
@@ -94,6 +95,7 @@ class MedGemma:
         window: dict[str, float] | None = None,
         dicom_frames: str | None = None,
         stream: bool = False,
+        adapter: str | None = None,
     ) -> dict[str, Any]:
         """Generate a response (seed API). Images: data URIs in JSON, or PIL images / files via the BentoML client."""
         decoded = {k: v for k, v in locals().items() if k not in ("self", "ctx") and v is not None}

@@ -61,6 +61,15 @@ class Settings:
     hf_token: str = setting("", "Token for gated models; used when set, never required.", env="HF_TOKEN", secret=True)
     demo_dir: str = setting("", "Where demo checkpoints are built; empty = `~/.cache/medgemma/demo`.")
 
+    # --- LoRA adapters -------------------------------------------------------------------------------------------
+    lora_adapters: tuple[str, ...] = setting(
+        (),
+        "LoRA adapters served over the base model, `name=path[,name=path]`: PEFT adapter directories (or Hugging Face "
+        "ids when online), loaded in the background after the base; a request picks one by name.",
+    )
+    max_lora_adapters: int = setting(8, "Most LoRA adapters loaded; adapters beyond it are reported as failed.")
+    max_lora_rank: int = setting(64, "Largest LoRA rank loaded; an adapter of higher rank is reported as failed.")
+
     # --- lifecycle -----------------------------------------------------------------------------------------------
     load_retry_backoff_s: float = setting(
         30.0, "After a failed load, answer 503 with the stored error this long before a request retries."
@@ -138,6 +147,8 @@ class Settings:
             "max_image_pixels",
             "max_images",
             "max_text_chars",
+            "max_lora_adapters",
+            "max_lora_rank",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -150,6 +161,25 @@ class Settings:
             raise ValueError("MEDGEMMA_DEFAULT_MAX_NEW_TOKENS must not exceed MEDGEMMA_MAX_NEW_TOKENS_CAP")
         if self.app_name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.app_name):
             raise ValueError("MEDGEMMA_APP_NAME may hold letters, digits, '.', '_' and '-' only")
+        self.lora_adapter_specs  # noqa: B018 - parsing is the check
+
+    @property
+    def lora_adapter_specs(self) -> tuple[tuple[str, str], ...]:
+        """``MEDGEMMA_LORA_ADAPTERS`` as (name, path) pairs; a malformed list is an error at start, not a guess."""
+        specs: list[tuple[str, str]] = []
+        for item in self.lora_adapters:
+            name, sep, path = (part.strip() for part in item.partition("="))
+            if not sep or not name or not path:
+                raise ValueError(f"MEDGEMMA_LORA_ADAPTERS: {item!r} is not name=path")
+            if not _ADAPTER_NAME.fullmatch(name):
+                raise ValueError(
+                    f"MEDGEMMA_LORA_ADAPTERS: adapter name {name!r} may hold letters, digits, '.', '_', ':', '/' and "
+                    "'-' only (at most 128)"
+                )
+            if name in (self.route_prefix, self.model) or name in (n for n, _ in specs):
+                raise ValueError(f"MEDGEMMA_LORA_ADAPTERS: adapter name {name!r} is used twice or names the base model")
+            specs.append((name, path))
+        return tuple(specs)
 
     @property
     def route_prefix(self) -> str:
@@ -180,6 +210,7 @@ def parse_demo_spec(model: str) -> tuple[Literal["vlm", "text"], Literal["tiny",
     return ("text" if kind == "text" else "vlm"), size  # type: ignore[return-value]
 
 
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
 _FIELDS = {f.name: f for f in fields(Settings)}
 _TYPES = typing.get_type_hints(Settings)
 _TRUE = {"1", "true", "yes", "on"}

@@ -21,7 +21,7 @@ from medgemma.errors import EngineUnavailable, ServiceError, error_body
 from medgemma.lifecycle import ModelManager, ModelState
 from medgemma.protocol import GenerationRequest, GenerationResult
 from medgemma.schemas import GenerateRequest, parse_model
-from medgemma.telemetry import Metrics, compute_metrics
+from medgemma.telemetry import Metrics, compute_metrics, note_access
 
 log = logging.getLogger("medgemma.requests")
 
@@ -112,7 +112,11 @@ class MedGemmaCore:
 
     # -- generation (shared by every API)
     async def submit(
-        self, build: Callable[[Engine], GenerationRequest], *, stream: bool = True
+        self,
+        build: Callable[[Engine], GenerationRequest],
+        *,
+        stream: bool = True,
+        adapter_param: str = "adapter",
     ) -> tuple[GenerationRequest, RequestHandle]:
         """Gate on the model's state, build the internal request off the event loop, and queue it."""
         if self.draining:
@@ -120,13 +124,24 @@ class MedGemmaCore:
         engine = self.manager.require()
         # Image decoding and the processor are CPU work: keep them off the event loop.
         req = await asyncio.to_thread(build, engine)
-        prepared = await asyncio.to_thread(engine.prepare, req)
+        if self.settings.lora_adapters:
+            note_access("adapter", req.adapter or "base")
+        try:
+            prepared = await asyncio.to_thread(engine.prepare, req)
+        except ServiceError as exc:
+            if exc.param == "adapter":  # an adapter still loading or failed: name the field this API calls it
+                exc.param = adapter_param
+            raise
         return req, engine.submit(prepared, stream=stream)
 
     async def run(
-        self, build: Callable[[Engine], GenerationRequest], disconnected: Disconnected | None = None
+        self,
+        build: Callable[[Engine], GenerationRequest],
+        disconnected: Disconnected | None = None,
+        *,
+        adapter_param: str = "adapter",
     ) -> tuple[GenerationRequest, GenerationResult]:
-        req, handle = await self.submit(build, stream=False)
+        req, handle = await self.submit(build, stream=False, adapter_param=adapter_param)
         return req, await wait_or_cancel(handle, disconnected)
 
     def seed_builder(self, req: GenerateRequest, request_id: str | None) -> Callable[[Engine], GenerationRequest]:
@@ -178,7 +193,7 @@ class MedGemmaCore:
             "model": self.model_name,
             "response": result.text,
             "parameters": req.params.seed_parameters(),
-            "compute_metrics": compute_metrics(time.perf_counter() - started, result),
+            "compute_metrics": compute_metrics(time.perf_counter() - started, result, adapter=req.adapter),
             "finish_reason": result.finish_reason,
             "request_id": req.request_id,
         }
@@ -190,9 +205,11 @@ class MedGemmaCore:
     def _log_result(self, req: GenerationRequest, result: GenerationResult, route: str) -> None:
         # Token counts and timings only: prompt and generated text are patient data (see settings.log_content).
         log.info(
-            "request_id=%s route=%s finish=%s input_tokens=%d output_tokens=%d images=%d ttft_s=%.3f total_s=%.3f",
+            "request_id=%s route=%s adapter=%s finish=%s input_tokens=%d output_tokens=%d images=%d ttft_s=%.3f "
+            "total_s=%.3f",
             req.request_id,
             route,
+            req.adapter or "-",
             result.finish_reason,
             result.input_tokens,
             result.output_tokens,
@@ -221,7 +238,7 @@ class MedGemmaCore:
 
     def parse_openai(self, payload: Any) -> openai_api.ChatCompletionRequest:
         req = parse_model(openai_api.ChatCompletionRequest, payload)
-        openai_api.check_model(req.model, self.settings)
+        openai_api.adapter_of(req.model, self.settings)  # an unknown model is a 404 before any work
         return req
 
     async def chat_completion(
@@ -229,16 +246,16 @@ class MedGemmaCore:
     ) -> dict[str, Any]:
         started = time.perf_counter()
         req = self.parse_openai(payload)
-        greq, result = await self.run(self.openai_builder(req, request_id), disconnected)
+        greq, result = await self.run(self.openai_builder(req, request_id), disconnected, adapter_param="model")
         self._log_result(greq, result, "chat.completions")
-        metrics = compute_metrics(time.perf_counter() - started, result)
+        metrics = compute_metrics(time.perf_counter() - started, result, adapter=greq.adapter)
         return openai_api.completion(greq, result, req.model, metrics)
 
     async def chat_completion_stream(self, payload: Any, *, request_id: str | None = None) -> AsyncIterator[str]:
         """OpenAI SSE: a role chunk, content chunks, a finish chunk, an optional usage chunk, then `[DONE]`."""
         started = time.perf_counter()
         req = self.parse_openai(payload)
-        greq, handle = await self.submit(self.openai_builder(req, request_id))
+        greq, handle = await self.submit(self.openai_builder(req, request_id), adapter_param="model")
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         created = int(time.time())
 
@@ -257,7 +274,9 @@ class MedGemmaCore:
                     last = openai_api.chunk(greq, req.model, {}, created=created)
                     last["choices"] = []
                     last["usage"] = openai_api.usage(result)
-                    last["compute_metrics"] = compute_metrics(time.perf_counter() - started, result)
+                    last["compute_metrics"] = compute_metrics(
+                        time.perf_counter() - started, result, adapter=greq.adapter
+                    )
                     yield sse(last)
             except ServiceError as exc:
                 yield sse(error_body(exc, openai=True))
@@ -270,7 +289,19 @@ class MedGemmaCore:
     # -- discovery, health, models
     def schema(self) -> dict[str, Any]:
         engine = self.manager.require()
-        return discovery.describe(engine.loaded, self.settings)
+        body = discovery.describe(engine.loaded, self.settings)
+        if self.settings.lora_adapters:
+            body["adapters"] = self.adapters()
+        return body
+
+    def adapters(self) -> list[dict[str, Any]]:
+        """Every configured LoRA adapter: state, rank, target modules, memory, or its stored load error."""
+        lora = self.manager.lora
+        if lora is not None:
+            return lora.listing()
+        # No model loaded (yet): the adapters wait for it.
+        state = "loading" if self.manager.state is ModelState.LOADING else self.manager.state.value
+        return [{"name": n, "source": s, "state": state} for n, s in self.settings.lora_adapter_specs]
 
     def health(self, *, details: bool = False) -> dict[str, Any]:
         """Replica health. Anyone may read it (probes, status pages), so the model's source (often a filesystem
@@ -304,6 +335,10 @@ class MedGemmaCore:
             body["load_seconds"] = round(m.load_seconds, 2)
         if details:
             body["details"] = {"model_source": self.settings.model, "loading_error": m.error}
+        if self.settings.lora_adapters:
+            lora = m.lora
+            body["adapters"] = self.adapters()
+            body["adapter_memory_mb"] = round(lora.memory_bytes / 2**20, 3) if lora is not None else 0.0
         return body
 
     def models(self) -> dict[str, Any]:
@@ -319,7 +354,24 @@ class MedGemmaCore:
         }
         if loaded is not None:
             entry["capabilities"] = ["text-to-text", "image-text-to-text"] if loaded.vision else ["text-to-text"]
-        return {"object": "list", "data": [entry]}
+        data = [entry]
+        for adapter in self.adapters() if self.settings.lora_adapters else []:
+            # vLLM's shape for LoRA adapters: the adapter's name as the model id, the base as its parent.
+            lora = {k: v for k, v in adapter.items() if k not in ("name", "source", "state")}
+            data.append(
+                {
+                    "id": adapter["name"],
+                    "object": "model",
+                    "created": int(self.started_at),
+                    "owned_by": "medgemma-bentoml",
+                    "root": adapter["source"],
+                    "parent": self.settings.route_prefix,
+                    "source": adapter["source"],
+                    "state": adapter["state"],
+                    "lora": lora,
+                }
+            )
+        return {"object": "list", "data": data}
 
 
 async def wait_or_cancel(handle: RequestHandle, disconnected: Disconnected | None) -> GenerationResult:

@@ -35,6 +35,8 @@ def describe(loaded: LoadedModel, settings: Settings) -> dict[str, Any]:
     optional = [f for f in GenerateRequest.model_fields if f not in _FORMAT_FIELDS and f not in params]
     if not loaded.vision:
         optional = [f for f in optional if f not in _IMAGE_FIELDS]
+    if not settings.lora_adapters:
+        optional = [f for f in optional if f != "adapter"]
     capabilities = ["text-to-text", "image-text-to-text"] if loaded.vision else ["text-to-text"]
 
     limits: dict[str, Any] = {

@@ -119,6 +119,37 @@ class ModelFailed(ServiceError):
         )
 
 
+class AdapterLoading(ServiceError):
+    """The named LoRA adapter is still loading in the background (202 with Retry-After, like the model)."""
+
+    status_code = 202
+    status = "loading"
+
+    def __init__(self, adapter: str, *, retry_after: int = 5) -> None:
+        super().__init__(
+            f"adapter '{adapter}' is still loading; retry in {retry_after} seconds",
+            param="adapter",
+            headers={"Retry-After": str(retry_after)},
+            adapter=adapter,
+            retry_after_seconds=retry_after,
+        )
+
+
+class AdapterFailed(ServiceError):
+    """The named LoRA adapter could not be loaded; its stored error says why (503, like a failed model)."""
+
+    status_code = 503
+    status = "failed"
+
+    def __init__(self, adapter: str, loading_error: str) -> None:
+        super().__init__(
+            f"adapter '{adapter}' failed to load: {loading_error}",
+            param="adapter",
+            adapter=adapter,
+            loading_error=loading_error,
+        )
+
+
 class EngineUnavailable(ServiceError):
     """The engine cannot take work right now (shutting down, out of memory for this request) (503)."""
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from medgemma import imaging
 from medgemma.config import Settings
-from medgemma.errors import BadRequest, PayloadTooLarge
+from medgemma.errors import BadRequest, NotFound, PayloadTooLarge
 from medgemma.protocol import GenerationRequest, ImagePart, Message, Part, SamplingParams, TextPart
 from medgemma.schemas import ChatMessage, GenerateRequest, GenerationParameters, ImageContent, ImageURLContent
 
@@ -123,6 +123,7 @@ def from_seed(
     req: GenerateRequest, settings: Settings, *, vision: bool, request_id: str | None = None
 ) -> GenerationRequest:
     """Seed API request (simple or chat format) → internal request."""
+    check_adapter(req.adapter, settings, param="adapter")
     options = image_options(settings, req.window, req.dicom_frames)
     params = sampling_params(req, settings)
     if req.messages is not None:
@@ -139,7 +140,15 @@ def from_seed(
         if req.system is not None:
             messages.append(Message("system", (TextPart(req.system),)))
         messages.append(Message("user", tuple(user_parts)))
-    return build_request(messages, params, settings, vision=vision, request_id=request_id)
+    return build_request(messages, params, settings, vision=vision, request_id=request_id, adapter=req.adapter)
+
+
+def check_adapter(name: str | None, settings: Settings, *, param: str) -> None:
+    """An adapter name must be one of MEDGEMMA_LORA_ADAPTERS: 404 naming the served ones otherwise."""
+    served = [n for n, _ in settings.lora_adapter_specs]
+    if name is not None and name not in served:
+        listed = ", ".join(served) if served else "none are configured (MEDGEMMA_LORA_ADAPTERS)"
+        raise NotFound(f"adapter '{name[:100]}' is not served here; adapters: {listed}", param=param)
 
 
 def build_request(
@@ -149,10 +158,11 @@ def build_request(
     *,
     vision: bool,
     request_id: str | None = None,
+    adapter: str | None = None,
 ) -> GenerationRequest:
     """Check the conversation as a whole and wrap it; shared by every API."""
     check_conversation(messages, settings, vision=vision)
-    req = GenerationRequest(messages=messages, params=params)
+    req = GenerationRequest(messages=messages, params=params, adapter=adapter)
     if request_id:
         req.request_id = request_id
     return req

@@ -25,6 +25,7 @@ from medgemma.config import Settings
 from medgemma.engine import Engine
 from medgemma.errors import ModelFailed, ModelLoading, public_error
 from medgemma.loader import LoadedModel, load_model
+from medgemma.lora import LoraSet
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class ModelManager:
         self.state = ModelState.UNLOADED
         self.loaded: LoadedModel | None = None
         self.engine: Engine | None = None
+        self.lora: LoraSet | None = None  # the adapters of the loaded model (MEDGEMMA_LORA_ADAPTERS)
         self.error: str | None = None  # the full load error: logs, model routes, authenticated /health
         self.error_summary: str | None = None  # class and message without paths, short: anyone's /health
         self.failed_at: float | None = None
@@ -108,6 +110,7 @@ class ModelManager:
     def _load(self) -> None:
         try:
             loaded = self._loader(self.settings, self._report)
+            lora = self._lora_set(loaded)
             engine = Engine(
                 loaded,
                 max_batch_size=self.settings.max_batch_size,
@@ -118,6 +121,7 @@ class ModelManager:
                 prefill_share=self.settings.prefill_share,
                 on_finish=self._on_finish,
                 on_stats=self._on_stats,
+                lora=lora,
             )
             engine.start()
         except BaseException as exc:  # a load error of any kind must be stored, never crash the server
@@ -130,12 +134,35 @@ class ModelManager:
                 self._set(ModelState.FAILED)
             return
         with self._lock:
-            self.loaded, self.engine = loaded, engine
+            self.loaded, self.engine, self.lora = loaded, engine, lora
             self.load_seconds = time.monotonic() - (self.load_started_at or time.monotonic())
             self.last_used = time.monotonic()
             self.progress = {"phase": "ready"}
             self._set(ModelState.READY)
         log.info("model ready after %.1f s", self.load_seconds)
+        if lora is not None:
+            # The base serves from now on; adapters load one by one behind it, each failing alone.
+            threading.Thread(target=self._load_adapters, args=(lora,), name="medgemma-lora", daemon=True).start()
+
+    def _lora_set(self, loaded: LoadedModel) -> LoraSet | None:
+        specs = self.settings.lora_adapter_specs
+        if not specs:
+            return None
+        lora = LoraSet(
+            loaded.model,
+            max_adapters=self.settings.max_lora_adapters,
+            max_rank=self.settings.max_lora_rank,
+            token=self.settings.hf_token or None,
+        )
+        for name, source in specs:
+            lora.register(name, source)
+        return lora
+
+    def _load_adapters(self, lora: LoraSet) -> None:
+        for name in list(lora.adapters):
+            if self.lora is not lora:  # the model was unloaded meanwhile: its adapters go with it
+                return
+            lora.load(name)
 
     def unload(self, reason: str = "requested", *, idle_for: float | None = None) -> bool:
         """Stop the engine and free the model's memory (GPU memory too). True if something was unloaded.
@@ -149,7 +176,7 @@ class ModelManager:
                 stats = self.engine.stats()
                 if stats.waiting or stats.running or time.monotonic() - self.last_used < idle_for:
                     return False
-            engine, self.engine, self.loaded = self.engine, None, None
+            engine, self.engine, self.loaded, self.lora = self.engine, None, None, None
             self._set(ModelState.UNLOADED)
         engine.stop(grace_s=0)
         del engine

@@ -11,7 +11,8 @@ It does the cross-cutting work once, for the BentoML APIs and the mounted routes
 * one error shape: error responses that did not come from this project (BentoML's validation errors, its 4xx
   lists, starlette's plain-text 404/405) are rewritten into ``{"status": "error", "error": ...}`` — or OpenAI's
   ``{"error": {...}}`` on OpenAI routes — so a client never has to parse a second shape;
-* one access-log line per request: id, method, path, status, duration. Never bodies.
+* one access-log line per request: id, method, path, status, duration, and what the handler noted with
+  ``note_access`` (the LoRA adapter that answered). Never bodies.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from medgemma.errors import BadRequest, PayloadTooLarge, ServiceError, Unauthorized, error_body
+from medgemma.telemetry import ACCESS_NOTES
 
 log = logging.getLogger("medgemma.access")
 
@@ -41,6 +43,8 @@ OPEN_PATHS = ("/livez", "/readyz", "/healthz", "/metrics")
 _DOC_PATHS = frozenset({"/", "/docs", "/docs.json", "/schema.json"})
 
 
+# Fields the request's handler adds to its access-log line. The middleware puts a fresh dict in the context of each
+# request; the handler (same task, or a thread or task started from it) fills it.
 def is_openai_path(path: str) -> bool:
     return "/chat/completions" in path or (path.rstrip("/").endswith("/v1/models") and path.startswith("/v1"))
 
@@ -82,6 +86,8 @@ class EdgeMiddleware:
         path: str = scope.get("path", "")
         openai = self.openai_path(path)
         status_holder = {"status": 0}
+        notes: dict[str, str] = {}
+        notes_token = ACCESS_NOTES.set(notes)
 
         async def send_logged(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -115,13 +121,15 @@ class EdgeMiddleware:
                 except Exception:  # metrics must never break a response
                     log.debug("on_response hook failed", exc_info=True)
             log.info(
-                "request_id=%s method=%s path=%s status=%s duration_ms=%.1f",
+                "request_id=%s method=%s path=%s status=%s duration_ms=%.1f%s",
                 rid,
                 scope.get("method"),
                 path,
                 status_holder["status"],
                 (time.perf_counter() - started) * 1000,
+                "".join(f" {k}={v}" for k, v in notes.items()),
             )
+            ACCESS_NOTES.reset(notes_token)
 
     def _check(self, scope: Scope, headers: dict[bytes, bytes], path: str) -> ServiceError | None:
         needs_token = self.api_token and not self._is_open(path) and scope.get("method") != "OPTIONS"

@@ -112,13 +112,16 @@ class ChatCompletionRequest(APIModel):
         )
 
 
-def check_model(requested: str, settings: Settings) -> None:
-    """OpenAI clients must name a model; accept the route name or the configured source, like vLLM's served name."""
-    if requested not in {settings.route_prefix, settings.model}:
-        raise NotFound(
-            f"model '{requested[:100]}' is not served here; use '{settings.route_prefix}' (see GET /v1/models)",
-            param="model",
-        )
+def adapter_of(requested: str, settings: Settings) -> str | None:
+    """OpenAI clients must name a model: the route name or the configured source (the base model, like vLLM's
+    served name), or a LoRA adapter's name (as in vLLM), which this returns."""
+    if requested in {settings.route_prefix, settings.model}:
+        return None
+    adapters = [n for n, _ in settings.lora_adapter_specs]
+    if requested in adapters:
+        return requested
+    names = ", ".join(f"'{n}'" for n in [settings.route_prefix, *adapters])
+    raise NotFound(f"model '{requested[:100]}' is not served here; use {names} (see GET /v1/models)", param="model")
 
 
 def to_generation_request(
@@ -146,7 +149,8 @@ def to_generation_request(
                     parts.extend(_image(p.image_url.url, settings, options, param))
         messages.append(Message(role, tuple(parts)))  # type: ignore[arg-type]
     params = inputs.sampling_params(req.parameters(), settings, stop=req.stop_list())
-    return inputs.build_request(messages, params, settings, vision=vision, request_id=request_id)
+    adapter = adapter_of(req.model, settings)
+    return inputs.build_request(messages, params, settings, vision=vision, request_id=request_id, adapter=adapter)
 
 
 def _image(url: str, settings: Settings, options: inputs.ImageOptions, param: str) -> list[ImagePart]:

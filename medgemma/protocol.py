@@ -106,6 +106,7 @@ class GenerationRequest:
     messages: list[Message]
     params: SamplingParams
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    adapter: str | None = None  # a LoRA adapter's name (MEDGEMMA_LORA_ADAPTERS); None = the base model
 
     @property
     def images(self) -> list[ImagePart]:

@@ -99,6 +99,7 @@ class GenerateRequest(GenerationParameters):
     window: WindowSpec | None = None
     dicom_frames: Literal["middle", "first", "all"] | None = None
     stream: bool = False
+    adapter: Annotated[str, Field(min_length=1, max_length=200)] | None = None  # a LoRA adapter's name
 
     @field_validator("images")
     @classmethod

@@ -8,6 +8,7 @@ before workers start) and are served by BentoML's own ``/metrics``.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import threading
@@ -16,6 +17,17 @@ from typing import Any
 import psutil
 
 from medgemma.protocol import GenerationResult
+
+# What the edge's access-log line says about a request besides its route and status, set by the code that answers it.
+ACCESS_NOTES: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("access_notes", default=None)
+
+
+def note_access(key: str, value: str) -> None:
+    """Add ``key=value`` to the current request's access-log line (values must never be patient data)."""
+    notes = ACCESS_NOTES.get()
+    if notes is not None:
+        notes[key] = value
+
 
 log = logging.getLogger(__name__)
 _MB = 1024 * 1024
@@ -85,8 +97,11 @@ def gpu_snapshot() -> dict[str, float | None]:
     return out
 
 
-def compute_metrics(duration_s: float, result: GenerationResult | None = None) -> dict[str, Any]:
-    """The seed's ``compute_metrics`` object, plus token counts and per-request timings."""
+def compute_metrics(
+    duration_s: float, result: GenerationResult | None = None, *, adapter: str | None = None
+) -> dict[str, Any]:
+    """The seed's ``compute_metrics`` object, plus token counts, per-request timings and the LoRA adapter that
+    answered (null for the base model)."""
     metrics: dict[str, Any] = {
         "query_duration_seconds": round(duration_s, 4),
         "replica_cpu_percent": _process.cpu_percent(None),
@@ -102,6 +117,7 @@ def compute_metrics(duration_s: float, result: GenerationResult | None = None) -
                 "queue_wait_seconds": _r(t.queue_wait_s),
                 "time_to_first_token_seconds": _r(t.time_to_first_token_s),
                 "output_tokens_per_second": _r(t.output_tokens_per_second, 2),
+                "adapter": adapter,
             }
         )
     return metrics

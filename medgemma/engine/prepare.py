@@ -25,6 +25,7 @@ class PreparedRequest:
     token_type_ids: torch.Tensor | None  # (L,) 1 where image soft tokens are
     pixel_values: torch.Tensor | None  # (n_images, 3, H, W)
     params: SamplingParams
+    adapter_index: int = -1  # the LoRA adapter's slot (medgemma.lora), -1 = the base model
 
     @property
     def n_input(self) -> int:

@@ -35,6 +35,7 @@ import torch
 
 from medgemma.engine import attention
 from medgemma.engine.attention import Chunk
+from medgemma.engine.costs import DecodeCost, default_kv_budget
 from medgemma.engine.handle import RequestHandle
 from medgemma.engine.kv_cache import KVLayout, PagedKVCache, RowKV
 from medgemma.engine.prepare import PreparedRequest, Preparer
@@ -42,6 +43,7 @@ from medgemma.engine.sampling import SampleInput, make_generator, sample
 from medgemma.engine.text import TextOut
 from medgemma.errors import BadRequest, EngineUnavailable, InternalError, Overloaded, ServiceError
 from medgemma.loader import LoadedModel
+from medgemma.lora import LoraSet, resolve_adapter
 from medgemma.protocol import FinishReason, GenerationRequest, GenerationResult, Timings, TokenDelta
 
 log = logging.getLogger(__name__)
@@ -104,6 +106,7 @@ class Engine:
         prefill_share: float = 0.5,
         on_finish: Callable[[RequestHandle], None] | None = None,
         on_stats: Callable[[EngineStats], None] | None = None,
+        lora: LoraSet | None = None,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -115,6 +118,7 @@ class Engine:
         self.prefill_share = prefill_share
         self.on_finish = on_finish
         self.on_stats = on_stats
+        self.lora = lora
         self.eos_ids = set(_eos_ids(loaded))
         self.context_length = _context_length(loaded.config)
         self.preparer = Preparer(loaded, context_length=self.context_length)
@@ -176,6 +180,7 @@ class Engine:
     def prepare(self, req: GenerationRequest) -> PreparedRequest:
         """Chat template + processor → tensors. Runs on the caller's thread; raises BadRequest for bad prompts."""
         prepared = self.preparer.prepare(req)
+        prepared.adapter_index = resolve_adapter(self.lora, req.adapter)
         total = prepared.n_input + prepared.params.max_new_tokens
         if not self.kv.fits_ever(total, _longest(prepared.image_spans())):
             raise BadRequest(
@@ -345,8 +350,13 @@ class Engine:
         chunks: list[Chunk] = []
         pixels: list[torch.Tensor] = []
         keep: list[int] = []
+        adapters: list[int] = []  # per token, per image and per kept row: which LoRA adapter (-1 = base)
+        image_adapters: list[int] = []
+        keep_adapters: list[int] = []
         offset = 0
         for row, start, end in work:
+            adapter = row.prepared.adapter_index
+            adapters += [adapter] * (end - start)
             self.kv.extend(row.kv, start, end)
             if start < row.n_input:
                 ids.append(row.prepared.input_ids[start:end])
@@ -354,6 +364,7 @@ class Engine:
                 if images:
                     assert row.prepared.pixel_values is not None
                     pixels.append(row.prepared.pixel_values[images[0] : images[-1] + 1])
+                    image_adapters += [adapter] * len(images)
                 chunks.append(Chunk(row.kv, start, end, row.image_groups if images else None))
             else:
                 ids.append(torch.tensor([row.generated[-1]]))
@@ -361,21 +372,33 @@ class Engine:
             offset += end - start
             if end >= row.n_input:
                 keep.append(offset - 1)
+                keep_adapters.append(adapter)
         position_ids = torch.cat([torch.arange(c.start, c.end) for c in chunks])
         kwargs: dict[str, Any] = {}
         if pixels:
             kwargs["pixel_values"] = torch.cat(pixels).to(self.device, self.model.dtype)
         if not keep:  # a step of prompt chunks only: no token is chosen, so compute one logit and drop it
-            keep = [offset - 1]
-        out = self.model(
-            input_ids=torch.cat(ids)[None].to(self.device),
-            position_ids=position_ids[None].to(self.device),
-            attention_mask=attention.build_plans(self.kv, chunks, self.device),
-            use_cache=False,
-            logits_to_keep=torch.tensor(keep, device=self.device),
-            **kwargs,
-        )
+            keep, keep_adapters = [offset - 1], [-1]
+        with self._adapters(adapters, image_adapters, keep_adapters):
+            out = self.model(
+                input_ids=torch.cat(ids)[None].to(self.device),
+                position_ids=position_ids[None].to(self.device),
+                attention_mask=attention.build_plans(self.kv, chunks, self.device),
+                use_cache=False,
+                logits_to_keep=torch.tensor(keep, device=self.device),
+                **kwargs,
+            )
         return out.logits[0].float()
+
+    def _adapters(
+        self, tokens: list[int], images: list[int], kept: list[int]
+    ) -> contextlib.AbstractContextManager[None]:
+        """Per-token LoRA for this forward (rows with different adapters, or none, share the pass)."""
+        if self.lora is None or not self.lora.adapters:
+            return contextlib.nullcontext()
+        return self.lora.active(
+            torch.tensor(tokens)[None], torch.tensor(images)[:, None] if images else None, torch.tensor(kept)[None]
+        )
 
     def _after_forward(self, work: list[tuple[_Row, int, int]], logits: torch.Tensor) -> None:
         choosing: list[_Row] = []
@@ -459,39 +482,6 @@ class Engine:
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------------
-
-
-class DecodeCost:
-    """Seconds of a decode step fitted as ``fixed + per_row * rows`` by least squares with exponential forgetting,
-    over steps that read no prompt (rows come and go, which separates the two terms)."""
-
-    def __init__(self, forget: float = 0.95) -> None:
-        self.forget = forget
-        self._s = [0.0] * 5  # sums of w, w*n, w*t, w*n*n, w*n*t
-
-    def observe(self, rows: int, seconds: float) -> None:
-        n, t = float(rows), seconds
-        self._s = [self.forget * a + b for a, b in zip(self._s, (1.0, n, t, n * n, n * t), strict=True)]
-
-    def seconds(self, rows: int) -> float | None:
-        w, sn, st, snn, snt = self._s
-        if w == 0:
-            return None
-        denom = w * snn - sn * sn
-        if denom > 1e-9 * max(w * snn, 1e-12):
-            slope = (w * snt - sn * st) / denom
-            if slope >= 0:
-                return max((st - slope * sn) / w + slope * rows, 0.0)
-        return st / w
-
-
-def default_kv_budget(layout: KVLayout, device: torch.device) -> int:
-    """Bytes for the KV pools when no budget is set: 85 % of the GPU memory still free after loading (what vLLM's
-    ``gpu_memory_utilization`` does, leaving room for activations), or on CPU 2 GiB (pages are committed lazily)."""
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free * 0.85)
-    return 2 * 2**30
 
 
 def _longest(spans: list[tuple[int, int]]) -> int:

@@ -23,11 +23,16 @@ PACKAGE = "medgemma"
 # "service" is service.py. A new module goes into the lowest layer whose modules it does not need to import.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("Gemma 3's chat format (for checkpoints without one, and the demo builder)", ("chat_template",)),
-    ("demo builder: random-weight checkpoints (tests, benchmarks, the `demo` model option)", ("demo",)),
+    ("demo builder: random-weight checkpoints and adapters (tests, benchmarks, the `demo` model option)", (
+        "demo", "demo_lora",
+    )),
     ("foundation: the internal request/result types and the errors", ("__init__", "errors", "protocol")),
     ("settings", ("config",)),
     ("request schemas and image decoding (no web framework)", ("schemas", "imaging", "dicom")),
     ("requests: API request -> GenerationRequest", ("inputs", "openai_api")),
+    ("LoRA adapters: files, per-token layers, the adapter set (no web framework)", (
+        "lora_files", "lora_layers", "lora",
+    )),
     ("model: loading, the engine, lifecycle, discovery, metrics (no web framework)", (
         "loader", "engine", "lifecycle", "discovery", "telemetry",
     )),
