@@ -5,7 +5,7 @@ Modality LUT (RescaleSlope/RescaleIntercept, from the functional groups for enha
 or a Modality LUT Sequence) → a VOI step chosen by modality → MONOCHROME1 inversion → RGB:
 
 * **CT**: three LINEAR_EXACT windows stacked as R = -1024..1024 HU, G = -135..215 HU, B = 0..80 HU, the
-  encoding MedGemma 1.5 was trained on; a request :class:`~medgemma.imaging.Window` replaces them with one
+  encoding MedGemma 1.5 was trained on; a request :class:`~medgemma.pixels.Window` replaces them with one
   window in all three channels.
 * **Radiographs** (CR, DX, MG, RF, XA, IO, PX) and unknown grey modalities: the request window, else the
   file's VOI LUT Sequence, else its WindowCenter/WindowWidth (first value; LINEAR/LINEAR_EXACT or SIGMOID
@@ -39,7 +39,7 @@ from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, conve
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from medgemma.errors import BadRequest, PayloadTooLarge, ServiceError, UnsupportedMediaType
-from medgemma.imaging import (
+from medgemma.pixels import (
     FrameSelection,
     ImageLimits,
     PreparedImage,
