@@ -109,8 +109,66 @@ def load_dicom(
     Every failure leaves as a :class:`~medgemma.errors.ServiceError`; unexpected exceptions from pydicom or
     numpy (malformed values are often only noticed when a tag is first read) become a generic 400.
     """
+    return _guarded(lambda: _load(data, window=window, frames=frames, limits=limits, param=param), param)
+
+
+def load_dataset(
+    ds: Dataset,
+    *,
+    window: Window | None,
+    frames: FrameSelection,
+    limits: ImageLimits,
+    param: str,
+    no_pixels: type[ServiceError] = BadRequest,
+) -> list[PreparedImage]:
+    """:func:`load_dicom` for a data set already parsed (a DICOMweb retrieval); same rules, same errors.
+
+    ``no_pixels`` is the error for an object without an image: 400 for an upload, 415 for a fetched object.
+    """
+    return _guarded(
+        lambda: _load_dataset(ds, window=window, frames=frames, limits=limits, param=param, no_pixels=no_pixels), param
+    )
+
+
+def decode_values(
+    ds: Dataset, *, frames: FrameSelection, limits: ImageLimits, param: str, no_pixels: type[ServiceError] = BadRequest
+) -> tuple[np.ndarray, bool, dict[str, Any]]:
+    """One grey frame in modality units (HU for CT) as float32, for callers that window a whole volume at once.
+
+    Returns ``(values, monochrome1, info)``; ``info`` is the technical description (no window yet). Colour
+    images are refused: a volume is grey by definition.
+    """
+
+    def run() -> tuple[np.ndarray, bool, dict[str, Any]]:
+        total, decoder = _check_image(ds, limits, param, no_pixels)
+        index = _select_frames(total, "first" if frames == "all" else frames, limits, param)[0]
+        arr, photometric = _decode_frame(decoder, ds, index, total, param)
+        if arr.ndim != 2 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+            raise UnsupportedMediaType(
+                f"The DICOM object in '{param}' is a colour image; a CT or MR series must be greyscale", param=param
+            )
+        info = dict(_technical_info(ds, decoder.UID), frames={"total": total, "used": [index]})
+        values = _modality_lut(arr, ds, index, info).astype(np.float32)
+        info.update(_position_info(ds, index))
+        info["size"] = [int(arr.shape[1]), int(arr.shape[0])]
+        return values, photometric == "MONOCHROME1", info
+
+    return _guarded(run, param)
+
+
+def ct_windows_rgb(values: np.ndarray, info: dict[str, Any]) -> Image.Image:
+    """HU to RGB with the three CT windows (R, G, B), as MedGemma 1.5 was trained; records them in ``info``."""
+    channels = [window_to_uint8(values, lo, hi) for lo, hi in CT_WINDOWS]
+    info["window"] = window_info(None, None, "ct_rgb")
+    info["ct_windows"] = [[lo, hi] for lo, hi in CT_WINDOWS]
+    info["inverted"] = False
+    return Image.fromarray(np.ascontiguousarray(np.stack(channels, axis=-1)), mode="RGB")
+
+
+def _guarded(run: Any, param: str) -> Any:
+    """Run a decoding step; anything but a ServiceError becomes a 400 that names ``param`` and no tag value."""
     try:
-        return _load(data, window=window, frames=frames, limits=limits, param=param)
+        return run()
     except ServiceError:
         raise
     except MemoryError:
@@ -126,9 +184,15 @@ def load_dicom(
 def _load(
     data: bytes, *, window: Window | None, frames: FrameSelection, limits: ImageLimits, param: str
 ) -> list[PreparedImage]:
-    ds = _read(data, param)
+    return _load_dataset(
+        _read(data, param), window=window, frames=frames, limits=limits, param=param, no_pixels=BadRequest
+    )
+
+
+def _check_image(ds: Dataset, limits: ImageLimits, param: str, no_pixels: type[ServiceError]) -> tuple[int, Decoder]:
+    """Refuse objects without an image or its attributes, and frames over the pixel limit; the decoder to use."""
     if not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
-        raise BadRequest(
+        raise no_pixels(
             f"The DICOM file in '{param}' contains no image (no pixel data); "
             "reports, presentation states and DICOMDIRs cannot be shown to the model",
             param=param,
@@ -142,8 +206,20 @@ def _load(
     rows, columns = int(ds.Rows), int(ds.Columns)
     check_pixels(columns, rows, limits, param, what="A frame of the DICOM file")
     total = _number_of_frames(ds, param)
+    return total, _decoder(ds, param)
+
+
+def _load_dataset(
+    ds: Dataset,
+    *,
+    window: Window | None,
+    frames: FrameSelection,
+    limits: ImageLimits,
+    param: str,
+    no_pixels: type[ServiceError],
+) -> list[PreparedImage]:
+    total, decoder = _check_image(ds, limits, param, no_pixels)
     indices = _select_frames(total, frames, limits, param)
-    decoder = _decoder(ds, param)
 
     base = _technical_info(ds, decoder.UID)
     prepared = []
@@ -160,9 +236,14 @@ def _load(
     return prepared
 
 
-def _read(data: bytes, param: str) -> Dataset:
+def read_dataset(data: bytes, param: str, *, pixels: bool = True) -> Dataset:
+    """Parse DICOM bytes (with or without preamble); ``pixels=False`` stops before the pixel data (headers only)."""
+    return _read(data, param, pixels=pixels)
+
+
+def _read(data: bytes, param: str, *, pixels: bool = True) -> Dataset:
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=not pixels)
     except Exception as exc:  # InvalidDicomError, EOFError, struct.error, ValueError, ...
         logger.info("DICOM parse failed: %s", type(exc).__name__)
         raise BadRequest(
@@ -331,11 +412,7 @@ def _grey_to_rgb(
     values = _modality_lut(arr, ds, index, info)
     modality = info.get("modality")
     if modality == "CT" and window is None:
-        channels = [window_to_uint8(values, lo, hi) for lo, hi in CT_WINDOWS]
-        info["window"] = window_info(None, None, "ct_rgb")
-        info["ct_windows"] = [[lo, hi] for lo, hi in CT_WINDOWS]
-        info["inverted"] = False
-        return Image.fromarray(np.ascontiguousarray(np.stack(channels, axis=-1)), mode="RGB")
+        return ct_windows_rgb(values, info)
 
     if window is not None:
         grey = window_to_uint8(values, *window.bounds)

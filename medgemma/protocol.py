@@ -106,6 +106,10 @@ class GenerationRequest:
     messages: list[Message]
     params: SamplingParams
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # For the response only (the engine ignores both): what each image source gave (DICOMweb, series, slides),
+    # and whether the caller asked to see the images the model was given.
+    image_sources: list[dict[str, Any]] = field(default_factory=list)
+    image_previews: bool = False
 
     @property
     def images(self) -> list[ImagePart]:
