@@ -338,7 +338,9 @@ def write_svs(path: Path, levels: list[np.ndarray]) -> Path:
     import tifffile
 
     size, mpp = SLIDE_LEVELS[0][0], SLIDE_LEVELS[0][1]
-    desc = f"Aperio Image Library v12.0.0\r\n{size}x{size} [0,0 {size}x{size}] (256x256) JPEG Q=90|AppMag = 20|MPP = {mpp}"
+    desc = (
+        f"Aperio Image Library v12.0.0\r\n{size}x{size} [0,0 {size}x{size}] (256x256) JPEG Q=90|AppMag = 20|MPP = {mpp}"
+    )
     with tifffile.TiffWriter(path) as tif:
         tif.write(levels[0], tile=(256, 256), compression="jpeg", photometric="rgb", description=desc)
         tif.write(levels[-1][::2, ::2].copy(), compression="jpeg", photometric="rgb", description="Aperio thumbnail")
@@ -375,7 +377,7 @@ def dicom_wsi(work: Path, levels: list[np.ndarray]) -> list[bytes]:
     out.mkdir(exist_ok=True)
     width_mm = SLIDE_LEVELS[0][0] * SLIDE_LEVELS[0][1] / 1000
     env = {**os.environ, "DCMDICTPATH": os.environ.get("DCMDICTPATH", "/usr/share/libdcmtk17/dicom.dic")}
-    subprocess.run(  # noqa: PLW1510 - checked below with the output
+    subprocess.run(
         [
             DICOMIZER,
             "--dataset",

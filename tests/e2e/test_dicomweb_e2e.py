@@ -212,7 +212,7 @@ def test_root_not_allow_listed_is_400(seed, data):
 
 def test_pacs_down_is_502_and_a_frozen_pacs_504_within_the_timeout(seed, data, dead_root, protected):
     started = time.monotonic()
-    body = assert_error(seed({"text": "q", "image_dicom": source(dead_root + data.ct_url[len(data.root):])}), 502)
+    body = assert_error(seed({"text": "q", "image_dicom": source(dead_root + data.ct_url[len(data.root) :])}), 502)
     assert "could not be reached" in body["error"]
     assert time.monotonic() - started < 10
 
@@ -237,10 +237,10 @@ def test_credentials_are_sent_and_a_wrong_one_is_refused_without_leaking(server,
     body = assert_error(r, 403)
     assert body["upstream_status"] == 403 and "access_credential" in body["error"]
     assert MARKER not in r.text
+    part = {"type": "image_dicom", "image_dicom": source(url, MARKER)}
     openai_r = httpx.post(
         f"{server.url}/v1/chat/completions",
-        json={"model": "x", "messages": [{"role": "user", "content": [
-            {"type": "image_dicom", "image_dicom": source(url, MARKER)}]}]},  # fmt: skip
+        json={"model": "x", "messages": [{"role": "user", "content": [part]}]},
         timeout=60,
     )
     assert MARKER not in openai_r.text
