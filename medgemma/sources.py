@@ -227,7 +227,10 @@ def from_dicomweb(source: str | list[str], credential: str | None, options: Imag
 
         if any(m.sop_class == wsi.VL_WSI_SOP_CLASS for m in images):
             ref = refs[0]
-            with wsi.opened(lambda: wsi.DicomSlide(connect(ref.root).open_slide(ref)), param) as slide:
+            conn = connect(ref.root)
+            with wsi.opened(
+                lambda: wsi.DicomSlide(conn.open_slide(ref)), param, lambda: conn.errors("reading the slide")
+            ) as slide:
                 prepared, report = _slide_patches(slide, options, param)
             levels = sum(1 for m in images if m.sop_class == wsi.VL_WSI_SOP_CLASS)
             entry = options.report(

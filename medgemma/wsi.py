@@ -253,21 +253,35 @@ def patches(
 
 
 @contextlib.contextmanager
-def opened(factory: Callable[[], Slide], param: str) -> Iterator[Slide]:
-    """Open a slide; a reader's own exception becomes a 400 naming ``param`` (its text may quote file contents)."""
-    try:
+def opened(
+    factory: Callable[[], Slide],
+    param: str,
+    translate: Callable[[], contextlib.AbstractContextManager[None]] | None = None,
+) -> Iterator[Slide]:
+    """Open a slide, use it, close it. A reader's own exception, while opening or reading, becomes a 400 naming
+    ``param`` (its text may quote file contents), or whatever ``translate`` makes of it (a PACS's 502/504)."""
+    guard = translate or (lambda: _as_bad_request(param))
+    with guard():
         slide = factory()
+    try:
+        with guard():
+            yield slide
+    finally:
+        slide.close()
+
+
+@contextlib.contextmanager
+def _as_bad_request(param: str) -> Iterator[None]:
+    try:
+        yield
     except ServiceError:
         raise
     except Exception as exc:
         logger.info("slide rejected: %s", type(exc).__name__)
         raise BadRequest(
-            f"The slide in '{param}' cannot be read: it is not a valid pyramidal image", param=param
+            f"The slide in '{param}' cannot be read: it is not a valid pyramidal image, or it is truncated",
+            param=param,
         ) from None
-    try:
-        yield slide
-    finally:
-        slide.close()
 
 
 def _rgb(arr: np.ndarray) -> np.ndarray:
