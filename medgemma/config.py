@@ -165,9 +165,6 @@ class Settings:
                 raise ValueError(f"{self.env_name(name)} must be at least 1")
         if self.default_max_new_tokens > self.max_new_tokens_cap:
             raise ValueError("MEDGEMMA_DEFAULT_MAX_NEW_TOKENS must not exceed MEDGEMMA_MAX_NEW_TOKENS_CAP")
-        for name in ("max_slices", "wsi_max_patches"):
-            if getattr(self, name) > self.max_images:
-                raise ValueError(f"{self.env_name(name)} must not exceed MEDGEMMA_MAX_IMAGES ({self.max_images})")
         for name in ("wsi_magnification", "dicomweb_connect_timeout_s", "dicomweb_read_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{self.env_name(name)} must be greater than 0")
