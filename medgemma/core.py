@@ -291,8 +291,10 @@ class MedGemmaCore:
     def ready_health(self) -> tuple[dict[str, Any], int]:
         """Vertex AI's health check: 200 once the model can answer, 503 while it loads or after a failed load."""
         body = self.health()
-        ready = body["model_state"] == ModelState.READY.value and not self.draining
-        return body, 200 if ready else 503
+        if body["model_state"] == ModelState.READY.value and not self.draining:
+            return body, 200
+        reason = "the server is shutting down" if self.draining else f"the model is {body['model_state']}"
+        return {**body, "status": "error", "error": f"not ready to serve: {reason}"}, 503
 
     # -- discovery, health, models
     def schema(self) -> dict[str, Any]:

@@ -110,7 +110,8 @@ def google_app(core: Callable[[], MedGemmaCore]) -> FastAPI:
     async def vertex_health() -> Response:
         try:
             body, status = core().ready_health()
-            return json_response(body, status)
+            # the 503 is this project's own body (state, progress), not one for the edge to reshape
+            return json_response(body, status, headers={OWN_ERROR_HEADER.decode(): "1"} if status >= 400 else None)
         except Exception as exc:
             return error_response(exc)
 
