@@ -275,3 +275,15 @@ def test_google_format_refuses_what_it_does_not_support(server, data):
     assert bare.json()["object"] == "chat.completion"  # bare request, bare completion
     health = httpx.get(f"{server.url}/vertex/health", timeout=10)
     assert health.status_code == 200 and health.json()["model_state"] == "ready"
+
+
+def test_bentoml_client_takes_a_dicomweb_source(server, data):
+    import bentoml
+
+    with bentoml.SyncHTTPClient(server.url, timeout=300) as client:
+        body = client.generate(
+            text="Read this X-ray.", image_dicom={"dicom_source": data.radiograph_url}, max_new_tokens=2
+        )
+    assert body["status"] == "success"
+    assert body["image_sources"][0]["kind"] == "dicomweb_instance"
+    assert body["images"][0]["modality"] == "DX"
