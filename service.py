@@ -9,6 +9,8 @@ Routes (``{app}`` = ``MEDGEMMA_APP_NAME``, derived from the model by default):
   POST|GET /{app}/v1/health       replica health and model state; always answers
   GET  /{app}/v1/models           model listing (OpenAI list shape)
   POST /{app}/v1/chat/completions and /v1/chat/completions, GET /v1/models: OpenAI-compatible API
+  POST /predict (and AIP_PREDICT_ROUTE)  Google's MedGemma request format, as a Vertex AI endpoint expects
+  GET  /vertex/health (and AIP_HEALTH_ROUTE)  200 once the model is ready, 503 before
 
 Readiness: ``/readyz`` means "this replica can answer", not "the model is loaded". Model state is reported by the
 API itself (202 while loading, 503 after a failed load). ``bentoml.SyncHTTPClient`` polls ``/readyz`` before its
@@ -27,9 +29,9 @@ from starlette.responses import Response, StreamingResponse
 from medgemma import bentoml_compat, transport
 from medgemma.config import SERVICE_NAME, Settings, load_bentoml_config
 from medgemma.core import ClientGone, MedGemmaCore
-from medgemma.middleware import EdgeMiddleware
+from medgemma.middleware import PREDICT_PATH, VERTEX_HEALTH_PATH, EdgeMiddleware
 from medgemma.playground import playground_app
-from medgemma.routes import error_response, json_response, openai_app, seed_app
+from medgemma.routes import error_response, google_app, json_response, openai_app, seed_app
 
 bentoml_compat.apply()
 
@@ -50,8 +52,11 @@ _SERVICE_CONFIG: dict[str, Any] = {
     "traffic": {"timeout": 600, "max_concurrency": 512},
     **load_bentoml_config(),
 }
+if SETTINGS.aip_http_port:  # Vertex AI tells a custom container which port to serve on
+    _SERVICE_CONFIG["http"] = {**_SERVICE_CONFIG.get("http", {}), "port": SETTINGS.aip_http_port}
 
 
+@bentoml.asgi_app(google_app(core), path="/")  # only /predict and /vertex/health: other paths fall through
 @bentoml.asgi_app(playground_app(APP), path=f"/{APP}/playground")
 @bentoml.asgi_app(seed_app(core), path=f"/{APP}/v1")
 @bentoml.asgi_app(openai_app(core), path="/v1")
@@ -92,8 +97,10 @@ class MedGemma:
         top_k: int | None = None,
         repetition_penalty: float | None = None,
         seed: int | None = None,
+        image_dicom: dict[str, Any] | list[dict[str, Any]] | None = None,
         window: dict[str, float] | None = None,
         dicom_frames: str | None = None,
+        image_previews: bool = False,
         stream: bool = False,
         adapter: str | None = None,
     ) -> dict[str, Any]:
@@ -141,4 +148,5 @@ MedGemma.add_asgi_middleware(
     on_response=_count_response,
     json_paths=frozenset(f"/{APP}/v1/{name}" for name in ("generate", "schema", "health")),
     open_prefixes=(f"/{APP}/playground", "/static_content/"),
+    aliases={SETTINGS.aip_predict_route: PREDICT_PATH, SETTINGS.aip_health_route: VERTEX_HEALTH_PATH},
 )

@@ -102,11 +102,46 @@ class Settings:
     max_body_bytes: int = setting(128 * 1024 * 1024, "Largest request body; larger bodies get 413.")
     max_image_bytes: int = setting(32 * 1024 * 1024, "Largest encoded image or DICOM file.")
     max_image_pixels: int = setting(40_000_000, "Largest image frame (width x height), checked before decoding.")
-    max_images: int = setting(96, "Most images per request (Google's CT notebook sends 85 slices).")
+    max_images: int = setting(
+        128, "Most images per request, counted after sampling (a CT series gives 85 slices, a slide up to 125 patches)."
+    )
     max_text_chars: int = setting(200_000, "Longest text in one message part or system prompt.")
     dicom_frames: FrameSelection = setting("middle", "Frames of a multi-frame DICOM used: middle, first or all.")
     image_url_domains: tuple[str, ...] = setting(
         (), "Comma-separated domains whose http(s) image URLs may be fetched; empty fetches none."
+    )
+
+    # --- volumes, slides and DICOMweb ----------------------------------------------------------------------------
+    max_slices: int = setting(
+        85, "A CT/MR series is sampled evenly down to at most this many slices (Google's CT notebook uses 85)."
+    )
+    wsi_magnification: float = setting(
+        10.0, "Whole-slide images are cut into patches at the level nearest this magnification (10x ~ 1 um/pixel)."
+    )
+    wsi_max_patches: int = setting(125, "Most tissue patches taken from one slide (a seeded random sample).")
+    dicomweb_urls: tuple[str, ...] = setting(
+        (),
+        "Comma-separated DICOMweb roots (`https://pacs.example.org/dicom-web`) that `image_dicom` sources may name; "
+        "empty fetches none.",
+    )
+    dicomweb_connect_timeout_s: float = setting(5.0, "Seconds to wait for a DICOMweb server to accept a connection.")
+    dicomweb_read_timeout_s: float = setting(30.0, "Seconds to wait for each answer (or chunk) from a DICOMweb server.")
+    dicomweb_max_bytes: int = setting(
+        1024 * 1024 * 1024, "Most bytes fetched from DICOMweb servers for one request; more is a 413."
+    )
+    dicomweb_concurrency: int = setting(4, "Most DICOMweb fetches in flight at once for one request.")
+
+    # --- Vertex AI custom container (Google's request format at POST /predict) -------------------------------------
+    aip_predict_route: str = setting(
+        "",
+        "Set by Vertex AI: another path that serves `POST /predict` (Google's request format).",
+        env="AIP_PREDICT_ROUTE",
+    )
+    aip_health_route: str = setting(
+        "", "Set by Vertex AI: a path answering 200 once the model is ready, 503 before.", env="AIP_HEALTH_ROUTE"
+    )
+    aip_http_port: int = setting(
+        0, "Set by Vertex AI: the port to listen on; 0 keeps configuration.yaml's.", env="AIP_HTTP_PORT"
     )
 
     # --- security and logs ---------------------------------------------------------------------------------------
@@ -149,6 +184,10 @@ class Settings:
             "max_text_chars",
             "max_lora_adapters",
             "max_lora_rank",
+            "max_slices",
+            "wsi_max_patches",
+            "dicomweb_max_bytes",
+            "dicomweb_concurrency",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -159,6 +198,18 @@ class Settings:
             raise ValueError("MEDGEMMA_PREFILL_SHARE must be above 0 and at most 10")
         if self.default_max_new_tokens > self.max_new_tokens_cap:
             raise ValueError("MEDGEMMA_DEFAULT_MAX_NEW_TOKENS must not exceed MEDGEMMA_MAX_NEW_TOKENS_CAP")
+        for name in ("wsi_magnification", "dicomweb_connect_timeout_s", "dicomweb_read_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{self.env_name(name)} must be greater than 0")
+        for root in self.dicomweb_urls:
+            if not re.fullmatch(r"https?://[^/?#@\s]+(/[^?#\s]*)?", root):
+                raise ValueError(f"MEDGEMMA_DICOMWEB_URLS: {root!r} is not an http(s) URL without query or credentials")
+        for name in ("aip_predict_route", "aip_health_route"):
+            route = getattr(self, name)
+            if route and not re.fullmatch(r"/[A-Za-z0-9._~:/@-]*", route):
+                raise ValueError(f"{self.env_name(name)} must be a path starting with '/'")
+        if not 0 <= self.aip_http_port < 65536:
+            raise ValueError("AIP_HTTP_PORT must be a port number")
         if self.app_name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.app_name):
             raise ValueError("MEDGEMMA_APP_NAME may hold letters, digits, '.', '_' and '-' only")
         self.lora_adapter_specs  # noqa: B018 - parsing is the check

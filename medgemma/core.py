@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from medgemma import discovery, inputs, openai_api
+from medgemma import discovery, google_api, inputs, openai_api, sources
 from medgemma.config import Settings
 from medgemma.engine import Engine, RequestHandle
 from medgemma.errors import EngineUnavailable, ServiceError, error_body
@@ -198,8 +198,12 @@ class MedGemmaCore:
             "request_id": req.request_id,
         }
         images = [im.info for im in req.images]
+        if req.image_previews:
+            images = [{**im.info, "preview": sources.preview(im.image)} for im in req.images]
         if images:
             body["images"] = images
+        if req.image_sources:
+            body["image_sources"] = req.image_sources
         return body
 
     def _log_result(self, req: GenerationRequest, result: GenerationResult, route: str) -> None:
@@ -285,6 +289,32 @@ class MedGemmaCore:
             yield "data: [DONE]\n\n"
 
         return events()
+
+    # -- Google's request format (POST /predict, Vertex AI)
+    async def predict(
+        self, payload: Any, *, request_id: str | None = None, disconnected: Disconnected | None = None
+    ) -> dict[str, Any]:
+        started = time.perf_counter()
+        req, wrapped = google_api.parse(payload, self.settings)
+
+        def build(engine: Engine) -> GenerationRequest:
+            return google_api.to_generation_request(
+                req, self.settings, vision=engine.loaded.vision, request_id=request_id
+            )
+
+        greq, result = await self.run(build, disconnected)
+        self._log_result(greq, result, "predict")
+        metrics = compute_metrics(time.perf_counter() - started, result)
+        completion = openai_api.completion(greq, result, req.model or self.settings.route_prefix, metrics)
+        return google_api.response(completion, wrapped)
+
+    def ready_health(self) -> tuple[dict[str, Any], int]:
+        """Vertex AI's health check: 200 once the model can answer, 503 while it loads or after a failed load."""
+        body = self.health()
+        if body["model_state"] == ModelState.READY.value and not self.draining:
+            return body, 200
+        reason = "the server is shutting down" if self.draining else f"the model is {body['model_state']}"
+        return {**body, "status": "error", "error": f"not ready to serve: {reason}"}, 503
 
     # -- discovery, health, models
     def schema(self) -> dict[str, Any]:

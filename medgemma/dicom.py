@@ -5,7 +5,7 @@ Modality LUT (RescaleSlope/RescaleIntercept, from the functional groups for enha
 or a Modality LUT Sequence) → a VOI step chosen by modality → MONOCHROME1 inversion → RGB:
 
 * **CT**: three LINEAR_EXACT windows stacked as R = -1024..1024 HU, G = -135..215 HU, B = 0..80 HU, the
-  encoding MedGemma 1.5 was trained on; a request :class:`~medgemma.imaging.Window` replaces them with one
+  encoding MedGemma 1.5 was trained on; a request :class:`~medgemma.pixels.Window` replaces them with one
   window in all three channels.
 * **Radiographs** (CR, DX, MG, RF, XA, IO, PX) and unknown grey modalities: the request window, else the
   file's VOI LUT Sequence, else its WindowCenter/WindowWidth (first value; LINEAR/LINEAR_EXACT or SIGMOID
@@ -17,7 +17,7 @@ or a Modality LUT Sequence) → a VOI step chosen by modality → MONOCHROME1 in
 MONOCHROME1 (white = low values) is inverted after windowing so that every output shows high values bright;
 CT's RGB windows are defined on HU and are never inverted.
 
-Nothing here copies a tag into ``info`` except the technical ones documented in
+Nothing here copies a tag into ``info`` except the technical ones read by :mod:`medgemma.dicom_tags` (see
 :mod:`medgemma.imaging`, each validated to its expected shape, and no error message or log line contains a
 tag value: pydicom's own exception texts are never forwarded.
 """
@@ -38,8 +38,9 @@ from pydicom.pixels.decoders.base import Decoder
 from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, convert_color_space
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from medgemma.dicom_tags import float_value, functional_item, int_value, position_info, technical_info
 from medgemma.errors import BadRequest, PayloadTooLarge, ServiceError, UnsupportedMediaType
-from medgemma.imaging import (
+from medgemma.pixels import (
     FrameSelection,
     ImageLimits,
     PreparedImage,
@@ -64,24 +65,8 @@ CROSS_SECTIONAL = frozenset({"MR", "PT", "NM"})
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _REQUIRED = ("Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation")
-_PHOTOMETRICS = frozenset(
-    {
-        "MONOCHROME1",
-        "MONOCHROME2",
-        "PALETTE COLOR",
-        "RGB",
-        "YBR_FULL",
-        "YBR_FULL_422",
-        "YBR_PARTIAL_422",
-        "YBR_PARTIAL_420",
-        "YBR_ICT",
-        "YBR_RCT",
-        "XYB",
-    }
-)
 _RGB_LIKE = frozenset({"RGB", "YBR_ICT", "YBR_RCT"})  # J2K decoders undo ICT/RCT: the samples are RGB
 _UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
-_CODE_RE = re.compile(r"[A-Z0-9_]{1,16}")
 _ITEM_TAG = b"\xfe\xff\x00\xe0"  # (FFFE,E000) little endian: encapsulated pixel data starts with it
 
 
@@ -109,8 +94,66 @@ def load_dicom(
     Every failure leaves as a :class:`~medgemma.errors.ServiceError`; unexpected exceptions from pydicom or
     numpy (malformed values are often only noticed when a tag is first read) become a generic 400.
     """
+    return _guarded(lambda: _load(data, window=window, frames=frames, limits=limits, param=param), param)
+
+
+def load_dataset(
+    ds: Dataset,
+    *,
+    window: Window | None,
+    frames: FrameSelection,
+    limits: ImageLimits,
+    param: str,
+    no_pixels: type[ServiceError] = BadRequest,
+) -> list[PreparedImage]:
+    """:func:`load_dicom` for a data set already parsed (a DICOMweb retrieval); same rules, same errors.
+
+    ``no_pixels`` is the error for an object without an image: 400 for an upload, 415 for a fetched object.
+    """
+    return _guarded(
+        lambda: _load_dataset(ds, window=window, frames=frames, limits=limits, param=param, no_pixels=no_pixels), param
+    )
+
+
+def decode_values(
+    ds: Dataset, *, frames: FrameSelection, limits: ImageLimits, param: str, no_pixels: type[ServiceError] = BadRequest
+) -> tuple[np.ndarray, bool, dict[str, Any]]:
+    """One grey frame in modality units (HU for CT) as float32, for callers that window a whole volume at once.
+
+    Returns ``(values, monochrome1, info)``; ``info`` is the technical description (no window yet). Colour
+    images are refused: a volume is grey by definition.
+    """
+
+    def run() -> tuple[np.ndarray, bool, dict[str, Any]]:
+        total, decoder = _check_image(ds, limits, param, no_pixels)
+        index = _select_frames(total, "first" if frames == "all" else frames, limits, param)[0]
+        arr, photometric = _decode_frame(decoder, ds, index, total, param)
+        if arr.ndim != 2 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+            raise UnsupportedMediaType(
+                f"The DICOM object in '{param}' is a colour image; a CT or MR series must be greyscale", param=param
+            )
+        info = dict(technical_info(ds, decoder.UID), frames={"total": total, "used": [index]})
+        values = _modality_lut(arr, ds, index, info).astype(np.float32)
+        info.update(position_info(ds, index))
+        info["size"] = [int(arr.shape[1]), int(arr.shape[0])]
+        return values, photometric == "MONOCHROME1", info
+
+    return _guarded(run, param)
+
+
+def ct_windows_rgb(values: np.ndarray, info: dict[str, Any]) -> Image.Image:
+    """HU to RGB with the three CT windows (R, G, B), as MedGemma 1.5 was trained; records them in ``info``."""
+    channels = [window_to_uint8(values, lo, hi) for lo, hi in CT_WINDOWS]
+    info["window"] = window_info(None, None, "ct_rgb")
+    info["ct_windows"] = [[lo, hi] for lo, hi in CT_WINDOWS]
+    info["inverted"] = False
+    return Image.fromarray(np.ascontiguousarray(np.stack(channels, axis=-1)), mode="RGB")
+
+
+def _guarded(run: Any, param: str) -> Any:
+    """Run a decoding step; anything but a ServiceError becomes a 400 that names ``param`` and no tag value."""
     try:
-        return _load(data, window=window, frames=frames, limits=limits, param=param)
+        return run()
     except ServiceError:
         raise
     except MemoryError:
@@ -126,9 +169,15 @@ def load_dicom(
 def _load(
     data: bytes, *, window: Window | None, frames: FrameSelection, limits: ImageLimits, param: str
 ) -> list[PreparedImage]:
-    ds = _read(data, param)
+    return _load_dataset(
+        _read(data, param), window=window, frames=frames, limits=limits, param=param, no_pixels=BadRequest
+    )
+
+
+def _check_image(ds: Dataset, limits: ImageLimits, param: str, no_pixels: type[ServiceError]) -> tuple[int, Decoder]:
+    """Refuse objects without an image or its attributes, and frames over the pixel limit; the decoder to use."""
     if not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
-        raise BadRequest(
+        raise no_pixels(
             f"The DICOM file in '{param}' contains no image (no pixel data); "
             "reports, presentation states and DICOMDIRs cannot be shown to the model",
             param=param,
@@ -142,10 +191,22 @@ def _load(
     rows, columns = int(ds.Rows), int(ds.Columns)
     check_pixels(columns, rows, limits, param, what="A frame of the DICOM file")
     total = _number_of_frames(ds, param)
-    indices = _select_frames(total, frames, limits, param)
-    decoder = _decoder(ds, param)
+    return total, _decoder(ds, param)
 
-    base = _technical_info(ds, decoder.UID)
+
+def _load_dataset(
+    ds: Dataset,
+    *,
+    window: Window | None,
+    frames: FrameSelection,
+    limits: ImageLimits,
+    param: str,
+    no_pixels: type[ServiceError],
+) -> list[PreparedImage]:
+    total, decoder = _check_image(ds, limits, param, no_pixels)
+    indices = _select_frames(total, frames, limits, param)
+
+    base = technical_info(ds, decoder.UID)
     prepared = []
     for index in indices:
         arr, photometric = _decode_frame(decoder, ds, index, total, param)
@@ -153,16 +214,21 @@ def _load(
         if total > 1:
             info["frame"] = index
         image = _to_rgb(arr, photometric, ds, index, window=window, info=info, param=param)
-        info.update(_position_info(ds, index))
+        info.update(position_info(ds, index))
         info["size"] = [image.width, image.height]
         prepared.append(PreparedImage(image=image, info=info))
     logger.debug("prepared %d DICOM frame(s) of %d", len(prepared), total)
     return prepared
 
 
-def _read(data: bytes, param: str) -> Dataset:
+def read_dataset(data: bytes, param: str, *, pixels: bool = True) -> Dataset:
+    """Parse DICOM bytes (with or without preamble); ``pixels=False`` stops before the pixel data (headers only)."""
+    return _read(data, param, pixels=pixels)
+
+
+def _read(data: bytes, param: str, *, pixels: bool = True) -> Dataset:
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=not pixels)
     except Exception as exc:  # InvalidDicomError, EOFError, struct.error, ValueError, ...
         logger.info("DICOM parse failed: %s", type(exc).__name__)
         raise BadRequest(
@@ -305,7 +371,7 @@ def _to_rgb(
                 f"The DICOM file in '{param}' uses a colour encoding this service cannot convert to RGB",
                 param=param,
             )
-        return Image.fromarray(_rgb_to_uint8(arr, _int(ds, "BitsStored") or 8 * arr.dtype.itemsize), mode="RGB")
+        return Image.fromarray(_rgb_to_uint8(arr, int_value(ds, "BitsStored") or 8 * arr.dtype.itemsize), mode="RGB")
     raise UnsupportedMediaType(
         f"The DICOM file in '{param}' has {samples} samples per pixel; only 1 (grey) or 3 (colour) work",
         param=param,
@@ -331,11 +397,7 @@ def _grey_to_rgb(
     values = _modality_lut(arr, ds, index, info)
     modality = info.get("modality")
     if modality == "CT" and window is None:
-        channels = [window_to_uint8(values, lo, hi) for lo, hi in CT_WINDOWS]
-        info["window"] = window_info(None, None, "ct_rgb")
-        info["ct_windows"] = [[lo, hi] for lo, hi in CT_WINDOWS]
-        info["inverted"] = False
-        return Image.fromarray(np.ascontiguousarray(np.stack(channels, axis=-1)), mode="RGB")
+        return ct_windows_rgb(values, info)
 
     if window is not None:
         grey = window_to_uint8(values, *window.bounds)
@@ -357,12 +419,12 @@ def _modality_lut(arr: np.ndarray, ds: Dataset, index: int, info: dict[str, Any]
         info["modality_lut"] = True
         return np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
     source = ds if "RescaleSlope" in ds or "RescaleIntercept" in ds else None
-    source = source or _functional_item(ds, index, "PixelValueTransformationSequence")
+    source = source or functional_item(ds, index, "PixelValueTransformationSequence")
     values = arr.astype(np.float64)
     if source is None:
         return values
-    slope = _float(source, "RescaleSlope")
-    intercept = _float(source, "RescaleIntercept")
+    slope = float_value(source, "RescaleSlope")
+    intercept = float_value(source, "RescaleIntercept")
     slope = 1.0 if slope is None else slope
     intercept = 0.0 if intercept is None else intercept
     info["rescale"] = {"slope": slope, "intercept": intercept}
@@ -378,9 +440,9 @@ def _file_voi(values: np.ndarray, ds: Dataset, index: int, info: dict[str, Any])
     lut = ds.get("VOILUTSequence")
     if lut:
         return _apply_voi_lut(values, lut[0], ds, info)
-    source = ds if "WindowWidth" in ds else _functional_item(ds, index, "FrameVOILUTSequence")
+    source = ds if "WindowWidth" in ds else functional_item(ds, index, "FrameVOILUTSequence")
     if source is not None:
-        center, width = _float(source, "WindowCenter"), _float(source, "WindowWidth")
+        center, width = float_value(source, "WindowCenter"), float_value(source, "WindowWidth")
         if center is not None and width is not None and width > 0:
             function = str(source.get("VOILUTFunction") or "LINEAR").strip().upper()
             if function == "SIGMOID":
@@ -415,99 +477,3 @@ def _apply_voi_lut(values: np.ndarray, item: Dataset, ds: Dataset, info: dict[st
     info["window"] = window_info(None, None, "voi_lut", "lut")
     info["voi_lut"] = {"entries": entries, "first_mapped": first, "bits": bits}
     return window_to_uint8(table[indices], float(table.min()), float(table.max()))
-
-
-# --------------------------------------------------------------------------------------------------------
-# Tags: technical values only, each validated before it enters info
-# --------------------------------------------------------------------------------------------------------
-
-
-def _technical_info(ds: Dataset, uid: UID) -> dict[str, Any]:
-    modality = str(ds.get("Modality") or "").strip().upper()
-    photometric = str(ds.get("PhotometricInterpretation") or "").strip().upper()
-    info: dict[str, Any] = {
-        "source": "dicom",
-        "modality": modality if _CODE_RE.fullmatch(modality) else None,
-        "photometric": photometric if photometric in _PHOTOMETRICS else None,
-        "bits_stored": _int(ds, "BitsStored"),
-        "transfer_syntax": str(uid) if len(uid) <= 64 and _UID_RE.fullmatch(uid) else None,
-    }
-    instance = _int(ds, "InstanceNumber")
-    if instance is not None:
-        info["instance_number"] = instance
-    return info
-
-
-def _position_info(ds: Dataset, index: int) -> dict[str, Any]:
-    """``slice_location`` for ordering slices: position along the slice normal when the geometry is known.
-
-    ImagePositionPatient projected onto the normal of ImageOrientationPatient (mm) is the robust order;
-    SliceLocation is optional and not always consistent; the plain z of the position is the last resort.
-    """
-    position = _vector(ds, "ImagePositionPatient", 3)
-    orientation = _vector(ds, "ImageOrientationPatient", 6)
-    if position is None:
-        item = _functional_item(ds, index, "PlanePositionSequence")
-        position = _vector(item, "ImagePositionPatient", 3) if item is not None else None
-    if orientation is None:
-        item = _functional_item(ds, index, "PlaneOrientationSequence")
-        orientation = _vector(item, "ImageOrientationPatient", 6) if item is not None else None
-    if position is not None and orientation is not None:
-        normal = np.cross(orientation[:3], orientation[3:])
-        if np.isfinite(normal).all() and np.linalg.norm(normal) > 0:
-            return {"slice_location": round(float(np.dot(position, normal)), 4)}
-    location = _float(ds, "SliceLocation")
-    if location is not None:
-        return {"slice_location": location}
-    if position is not None:
-        return {"slice_location": round(float(position[2]), 4)}
-    return {}
-
-
-def _functional_item(ds: Dataset, index: int, keyword: str) -> Dataset | None:
-    """The first item of ``keyword`` for frame ``index`` in an enhanced multi-frame file (per-frame first)."""
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    if per_frame and index < len(per_frame) and per_frame[index].get(keyword):
-        return per_frame[index].get(keyword)[0]
-    shared = ds.get("SharedFunctionalGroupsSequence")
-    if shared and shared[0].get(keyword):
-        return shared[0].get(keyword)[0]
-    return None
-
-
-def _first(value: Any) -> Any:
-    """First value of a multi-valued element (WindowCenter "40\\400" -> 40)."""
-    if isinstance(value, str | bytes):
-        return value
-    try:
-        return value[0] if len(value) else None
-    except TypeError:
-        return value
-
-
-def _float(ds: Dataset, keyword: str) -> float | None:
-    value = _first(ds.get(keyword))
-    try:
-        result = float(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
-    return result if result is not None and np.isfinite(result) else None
-
-
-def _int(ds: Dataset, keyword: str) -> int | None:
-    value = _first(ds.get(keyword))
-    try:
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
-
-
-def _vector(ds: Dataset, keyword: str, length: int) -> np.ndarray | None:
-    value = ds.get(keyword)
-    try:
-        vector = np.asarray([float(v) for v in value], dtype=np.float64) if value else None
-    except (TypeError, ValueError):
-        return None
-    if vector is None or vector.shape != (length,) or not np.isfinite(vector).all():
-        return None
-    return vector

@@ -13,7 +13,7 @@ from medgemma.config import Settings
 from medgemma.loader import LoadedModel
 from medgemma.schemas import GenerateRequest, GenerationParameters
 
-_IMAGE_FIELDS = {"image", "images", "window", "dicom_frames"}
+_IMAGE_FIELDS = {"image", "images", "image_dicom", "image_previews", "window", "dicom_frames"}
 _FORMAT_FIELDS = {"text", "messages"}
 
 
@@ -55,7 +55,10 @@ def describe(loaded: LoadedModel, settings: Settings) -> dict[str, Any]:
                 "max_images": settings.max_images,
                 "max_image_bytes": settings.max_image_bytes,
                 "max_image_pixels": settings.max_image_pixels,
-                "image_formats": ["png", "jpeg", "webp", "gif", "bmp", "tiff", "dicom"],
+                "image_formats": ["png", "jpeg", "webp", "gif", "bmp", "tiff", "dicom", "svs", "dicom-wsi"],
+                "max_slices": settings.max_slices,
+                "wsi_max_patches": settings.wsi_max_patches,
+                "dicomweb": bool(settings.dicomweb_urls),
             }
         )
     return {

@@ -60,6 +60,12 @@ class Unauthorized(ServiceError):
         super().__init__(message, **kw)
 
 
+class Forbidden(ServiceError):
+    """A DICOMweb server refused the request's access credential (403)."""
+
+    status_code = 403
+
+
 class NotFound(ServiceError):
     status_code = 404
 
@@ -160,6 +166,18 @@ class EngineUnavailable(ServiceError):
         super().__init__(message, **kw)
 
 
+class BadGateway(ServiceError):
+    """An upstream server (a DICOMweb PACS) could not be reached or answered with an error (502)."""
+
+    status_code = 502
+
+
+class GatewayTimeout(ServiceError):
+    """An upstream server (a DICOMweb PACS) did not answer within the configured timeout (504)."""
+
+    status_code = 504
+
+
 class InternalError(ServiceError):
     """Anything unexpected. The message is generic on purpose: internals never reach the client."""
 
@@ -172,12 +190,15 @@ class InternalError(ServiceError):
 _OPENAI_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
     404: "not_found_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
     429: "rate_limit_error",
     202: "model_loading",
+    502: "upstream_error",
     503: "service_unavailable",
+    504: "upstream_timeout",
 }
 
 

@@ -24,8 +24,9 @@ Rules shared by every path (the tests check each one by hand-computed pixel valu
   images ignore it and say so in ``info["window_ignored"]``.
 
 Errors are the project's :mod:`medgemma.errors` classes, with messages that never echo image bytes,
-request strings or DICOM tag values. DICOM handling lives in :mod:`medgemma.dicom`; it is imported lazily
-so that importing this module does not import pydicom.
+request strings or DICOM tag values. The pixel types and the window arithmetic live in
+:mod:`medgemma.pixels`, DICOM decoding in :mod:`medgemma.dicom` (imported lazily, so that importing this
+module does not import pydicom); both sit below this module and neither imports it.
 """
 
 from __future__ import annotations
@@ -34,11 +35,9 @@ import base64
 import binascii
 import io
 import logging
-import math
 import re
 import urllib.parse
-from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any
 
 import numpy as np
 from PIL import (  # the plugin imports register exactly the formats _open_raster may use
@@ -55,11 +54,34 @@ from PIL import (  # the plugin imports register exactly the formats _open_raste
 )
 
 from medgemma.errors import BadRequest, PayloadTooLarge, ServiceError, UnsupportedMediaType
+from medgemma.pixels import (  # re-exported: callers name the image types through this module
+    FRAME_SELECTIONS,
+    FrameSelection,
+    ImageLimits,
+    PreparedImage,
+    Window,
+    check_pixels,
+    check_window,
+    grey_to_rgb,
+    minmax_to_uint8,
+    window_info,
+    window_to_uint8,
+)
+
+__all__ = [
+    "FRAME_SELECTIONS",
+    "UNKNOWN_MEDIA_TYPE",
+    "FrameSelection",
+    "ImageLimits",
+    "PreparedImage",
+    "Window",
+    "load_images",
+    "parse_data_uri",
+    "prepare_pil",
+]
 
 logger = logging.getLogger(__name__)
 
-FrameSelection = Literal["middle", "first", "all"]
-FRAME_SELECTIONS: tuple[str, ...] = get_args(FrameSelection)
 
 #: The media type returned for bare base64 or a data URI without one: the format is sniffed from the bytes.
 UNKNOWN_MEDIA_TYPE = "application/octet-stream"
@@ -101,110 +123,10 @@ _HEIF_BRANDS: dict[bytes, str] = {
     b"avis": "AVIF",
 }
 
+DEFAULT_LIMITS = ImageLimits()  # frozen: safe as a shared default
+
 _GREY_HIGH_DEPTH_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
-
-
-@dataclass(frozen=True)
-class ImageLimits:
-    """Per-image limits, checked before anything large is allocated."""
-
-    max_bytes: int = 32 * 1024 * 1024  # encoded bytes of one image/DICOM file -> PayloadTooLarge
-    max_pixels: int = 40_000_000  # width*height of one frame, from the header, before decoding -> 413
-    max_frames: int = 128  # frames taken from one multi-frame DICOM -> BadRequest
-
-
-@dataclass(frozen=True)
-class Window:
-    """A request's window override, in the stored value's units after rescale (HU for CT)."""
-
-    center: float
-    width: float
-
-    @property
-    def bounds(self) -> tuple[float, float]:
-        """``(lo, hi)`` of the LINEAR_EXACT window."""
-        return self.center - self.width / 2, self.center + self.width / 2
-
-
-@dataclass
-class PreparedImage:
-    """An 8-bit RGB image ready for the processor, and a JSON-safe description without patient data."""
-
-    image: Image.Image
-    info: dict[str, Any]
-
-
-# --------------------------------------------------------------------------------------------------------
-# Pixel arithmetic shared with medgemma.dicom
-# --------------------------------------------------------------------------------------------------------
-
-
-def window_to_uint8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Map ``lo..hi`` linearly onto 0..255 (LINEAR_EXACT, clipped, round half up); NaN becomes 0.
-
-    ``(v - lo) * 255 / (hi - lo)`` rather than ``(v - lo) / (hi - lo) * 255``: for integer inputs the
-    product is exact, so a true half (127.5) stays a half and rounds up predictably.
-    """
-    if not hi > lo:
-        return np.zeros(values.shape, dtype=np.uint8)
-    scaled = (np.asarray(values, dtype=np.float64) - lo) * 255.0 / (hi - lo)
-    scaled = np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0)
-    np.clip(scaled, 0.0, 255.0, out=scaled)
-    return np.floor(scaled + 0.5).astype(np.uint8)
-
-
-def sigmoid_to_uint8(values: np.ndarray, center: float, width: float) -> np.ndarray:
-    """DICOM's SIGMOID VOI function: ``255 / (1 + exp(-4 (v - center) / width))``, round half up."""
-    with np.errstate(over="ignore"):
-        scaled = 255.0 / (1.0 + np.exp(-4.0 * (np.asarray(values, dtype=np.float64) - center) / width))
-    scaled = np.nan_to_num(scaled, nan=0.0)
-    return np.floor(np.clip(scaled, 0.0, 255.0) + 0.5).astype(np.uint8)
-
-
-def minmax_to_uint8(values: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
-    """Stretch the real finite min..max of ``values`` to 0..255; constant (or empty) images become 0."""
-    values = np.asarray(values)
-    finite = values[np.isfinite(values)] if np.issubdtype(values.dtype, np.floating) else values
-    if finite.size == 0:
-        return np.zeros(values.shape, dtype=np.uint8), window_info(0.0, 0.0, "minmax")
-    lo, hi = float(finite.min()), float(finite.max())
-    return window_to_uint8(values, lo, hi), window_info((lo + hi) / 2, hi - lo, "minmax")
-
-
-def window_info(center: float | None, width: float | None, source: str, function: str = "linear") -> dict:
-    """The ``info["window"]`` entry: plain floats (JSON-safe) and where the window came from."""
-    return {
-        "center": None if center is None else float(center),
-        "width": None if width is None else float(width),
-        "source": source,
-        "function": function,
-    }
-
-
-def grey_to_rgb(grey: np.ndarray) -> Image.Image:
-    """An ``uint8`` 2-D array as an RGB image with the grey replicated in R, G and B."""
-    return Image.fromarray(np.ascontiguousarray(grey, dtype=np.uint8), mode="L").convert("RGB")
-
-
-def check_window(window: Window | None) -> None:
-    """Reject a window the formula cannot use (non-finite, or width not positive)."""
-    if window is None:
-        return
-    if not (math.isfinite(window.center) and math.isfinite(window.width)) or window.width <= 0:
-        raise BadRequest("The window needs a finite center and a width greater than 0", param="window")
-
-
-def check_pixels(width: int, height: int, limits: ImageLimits, param: str, what: str = "The image") -> None:
-    """Refuse an image from its header dimensions, before its pixels are decoded (decompression bombs)."""
-    if width <= 0 or height <= 0:
-        raise BadRequest(f"{what} in '{param}' has no pixels ({width}x{height})", param=param)
-    if width * height > limits.max_pixels:
-        raise PayloadTooLarge(
-            f"{what} in '{param}' is {width}x{height} pixels ({width * height:,}); "
-            f"the limit is {limits.max_pixels:,} pixels per image",
-            param=param,
-        )
 
 
 def _check_bytes(size: int, limits: ImageLimits, param: str) -> None:
@@ -328,7 +250,7 @@ def load_images(
     media_type: str | None = None,
     window: Window | None = None,
     frames: FrameSelection = "middle",
-    limits: ImageLimits = ImageLimits(),  # frozen: safe as a shared default
+    limits: ImageLimits = DEFAULT_LIMITS,
     param: str = "image",
 ) -> list[PreparedImage]:
     """Decode one encoded image or DICOM file into prepared images (one per DICOM frame used).
@@ -384,7 +306,7 @@ def prepare_pil(
     img: Image.Image,
     *,
     window: Window | None = None,
-    limits: ImageLimits = ImageLimits(),  # frozen: safe as a shared default
+    limits: ImageLimits = DEFAULT_LIMITS,
     param: str = "image",
 ) -> PreparedImage:
     """Normalise an image BentoML already decoded (``source: "pil"``) by :func:`load_images`' rules.

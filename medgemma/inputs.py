@@ -8,17 +8,26 @@ is ordered by slice and labelled "SLICE n", as Google's CT notebook does.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
 
-from medgemma import imaging
+from medgemma import imaging, sources
 from medgemma.config import Settings
 from medgemma.errors import BadRequest, NotFound, PayloadTooLarge
 from medgemma.protocol import GenerationRequest, ImagePart, Message, Part, SamplingParams, TextPart
-from medgemma.schemas import ChatMessage, GenerateRequest, GenerationParameters, ImageContent, ImageURLContent
+from medgemma.schemas import (
+    ChatMessage,
+    DicomSource,
+    GenerateRequest,
+    GenerationParameters,
+    ImageContent,
+    ImageDicomContent,
+    ImageURLContent,
+)
+from medgemma.sources import ImageOptions, Upload
 
 
 @dataclass(frozen=True)
@@ -30,28 +39,9 @@ class UploadedImage:
     filename: str | None = None
 
 
-@dataclass
-class ImageOptions:
-    """How to decode the images of one request, and how many it may still decode."""
-
-    window: imaging.Window | None
-    frames: imaging.FrameSelection
-    limits: imaging.ImageLimits
-    max_images: int
-    decoded: int = 0
-
-    def count(self, n: int, param: str) -> None:
-        # Checked as images are decoded (a multi-frame DICOM counts each frame), not after all of them are in memory.
-        self.decoded += n
-        if self.decoded > self.max_images:
-            raise PayloadTooLarge(
-                f"more than {self.max_images} images in this request (DICOM frames count one each), above the "
-                f"limit of {self.max_images} per request",
-                param=param,
-            )
-
-
-def image_options(settings: Settings, window: Any = None, frames: str | None = None) -> ImageOptions:
+def image_options(
+    settings: Settings, window: Any = None, frames: str | None = None, seed: int | None = None
+) -> ImageOptions:
     return ImageOptions(
         window=imaging.Window(center=window.center, width=window.width) if window is not None else None,
         frames=frames or settings.dicom_frames,  # type: ignore[arg-type]
@@ -61,43 +51,82 @@ def image_options(settings: Settings, window: Any = None, frames: str | None = N
             max_frames=settings.max_images,
         ),
         max_images=settings.max_images,
+        settings=settings,
+        seed=seed or 0,
+    )
+
+
+def to_upload(value: Any, options: ImageOptions, *, param: str) -> Upload | Image.Image:
+    """One image value (data URI, upload, bytes) as encoded bytes; a PIL image as it is."""
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, UploadedImage):
+        return Upload(value.data, value.media_type)
+    if isinstance(value, str):
+        media_type, data = imaging.parse_data_uri(value, param=param, limits=options.limits)
+        return Upload(data, media_type)
+    if isinstance(value, bytes | bytearray):
+        return Upload(bytes(value))
+    raise BadRequest(
+        f"{param}: an image must be a data URI string (data:image/png;base64,...) or an uploaded file",
+        param=param,
     )
 
 
 def decode_image(value: Any, options: ImageOptions, *, param: str) -> list[ImagePart]:
-    """One image value (data URI, upload, PIL image) → one or more prepared images (multi-frame DICOM)."""
-    if isinstance(value, Image.Image):
-        prepared = [imaging.prepare_pil(value, window=options.window, limits=options.limits, param=param)]
-    elif isinstance(value, UploadedImage):
-        prepared = imaging.load_images(
-            value.data,
-            media_type=value.media_type,
-            window=options.window,
-            frames=options.frames,
-            limits=options.limits,
-            param=param,
-        )
-    elif isinstance(value, str):
-        media_type, data = imaging.parse_data_uri(value, param=param, limits=options.limits)
-        prepared = imaging.load_images(
-            data,
-            media_type=media_type,
-            window=options.window,
-            frames=options.frames,
-            limits=options.limits,
-            param=param,
-        )
-    elif isinstance(value, bytes | bytearray):
-        prepared = imaging.load_images(
-            bytes(value), window=options.window, frames=options.frames, limits=options.limits, param=param
-        )
+    """One image value (data URI, upload, PIL image) → prepared images: one, or several for a multi-frame DICOM
+    or a slide (its tissue patches)."""
+    upload = to_upload(value, options, param=param)
+    if isinstance(upload, Image.Image):
+        prepared = [imaging.prepare_pil(upload, window=options.window, limits=options.limits, param=param)]
     else:
-        raise BadRequest(
-            f"{param}: an image must be a data URI string (data:image/png;base64,...) or an uploaded file",
+        if len(upload.data) > options.limits.max_bytes:  # before a slide reader or a decoder looks at it
+            imaging.load_images(upload.data, limits=options.limits, param=param)  # raises the 413
+        slide = sources.uploaded_slide(upload, options, param)
+        if slide is not None:
+            return [p for p in slide if isinstance(p, ImagePart)]
+        prepared = imaging.load_images(
+            upload.data,
+            media_type=upload.media_type,
+            window=options.window,
+            frames=options.frames,
+            limits=options.limits,
             param=param,
         )
     options.count(len(prepared), param)
     return [ImagePart(image=p.image, info=p.info) for p in prepared]
+
+
+def decode_images(values: Sequence[tuple[Any, str]], options: ImageOptions, *, param: str) -> list[Part]:
+    """The image values of one message: several CT/MR DICOM files form a volume (selected, ordered, sampled,
+    labelled ``SLICE n``); anything else is decoded value by value, in the order given."""
+    uploads = [to_upload(value, options, param=p) for value, p in values]
+    if all(isinstance(u, Upload) for u in uploads):
+        series = sources.uploaded_series(uploads, options, param)  # type: ignore[arg-type]
+        if series is not None:
+            return series
+    parts: list[Part] = []
+    for upload, (_, p) in zip(uploads, values, strict=True):
+        parts.extend(
+            decode_image(upload if isinstance(upload, Image.Image) else _as_uploaded(upload), options, param=p)
+        )
+    return parts
+
+
+def _as_uploaded(upload: Upload) -> UploadedImage:
+    return UploadedImage(upload.data, upload.media_type)
+
+
+def dicom_source(spec: DicomSource, options: ImageOptions, *, param: str) -> list[Part]:
+    """An ``image_dicom`` source (see :class:`medgemma.schemas.DicomSource`) fetched from the PACS."""
+    if spec.patch_coordinates_list is not None:
+        raise BadRequest(
+            f"{param}.patch_coordinates_list is not supported: this server samples a slide's tissue patches itself "
+            "(MEDGEMMA_WSI_MAX_PATCHES); remove the field",
+            param=f"{param}.patch_coordinates_list",
+        )
+    credential = spec.access_credential.get_secret_value() if spec.access_credential is not None else None
+    return sources.from_dicomweb(spec.dicom_source, credential or None, options, param)
 
 
 def sampling_params(p: GenerationParameters, settings: Settings, stop: Sequence[str] = ()) -> SamplingParams:
@@ -124,23 +153,35 @@ def from_seed(
 ) -> GenerationRequest:
     """Seed API request (simple or chat format) → internal request."""
     check_adapter(req.adapter, settings, param="adapter")
-    options = image_options(settings, req.window, req.dicom_frames)
+    options = image_options(settings, req.window, req.dicom_frames, req.seed)
     params = sampling_params(req, settings)
     if req.messages is not None:
         messages = [_chat_message(m, i, options) for i, m in enumerate(req.messages)]
     else:
-        images: list[ImagePart] = []
-        values = [req.image] if req.image is not None else list(req.images or [])
-        for i, value in enumerate(values):
-            param = "image" if req.image is not None else f"images[{i}]"
-            images.extend(decode_image(value, options, param=param))
+        if req.image is not None:
+            values = [(req.image, "image")]
+        else:
+            values = [(value, f"images[{i}]") for i, value in enumerate(req.images or [])]
         user_parts: list[Part] = [TextPart(req.text or "")]
-        user_parts.extend(_label_series(images))
+        user_parts.extend(decode_images(values, options, param="images"))
+        specs = req.image_dicom if isinstance(req.image_dicom, list) else [req.image_dicom] if req.image_dicom else []
+        for i, spec in enumerate(specs):
+            param = "image_dicom" if not isinstance(req.image_dicom, list) else f"image_dicom[{i}]"
+            user_parts.extend(dicom_source(spec, options, param=param))
         messages = []
         if req.system is not None:
             messages.append(Message("system", (TextPart(req.system),)))
         messages.append(Message("user", tuple(user_parts)))
-    return build_request(messages, params, settings, vision=vision, request_id=request_id, adapter=req.adapter)
+    return build_request(
+        messages,
+        params,
+        settings,
+        vision=vision,
+        request_id=request_id,
+        adapter=req.adapter,
+        image_sources=options.sources,
+        image_previews=req.image_previews,
+    )
 
 
 def check_adapter(name: str | None, settings: Settings, *, param: str) -> None:
@@ -159,10 +200,18 @@ def build_request(
     vision: bool,
     request_id: str | None = None,
     adapter: str | None = None,
+    image_sources: list[dict[str, Any]] | None = None,
+    image_previews: bool = False,
 ) -> GenerationRequest:
     """Check the conversation as a whole and wrap it; shared by every API."""
     check_conversation(messages, settings, vision=vision)
-    req = GenerationRequest(messages=messages, params=params, adapter=adapter)
+    req = GenerationRequest(
+        messages=messages,
+        params=params,
+        adapter=adapter,
+        image_sources=list(image_sources or ()),
+        image_previews=image_previews,
+    )
     if request_id:
         req.request_id = request_id
     return req
@@ -219,17 +268,52 @@ def check_conversation(messages: list[Message], settings: Settings, *, vision: b
 def _chat_message(m: ChatMessage, index: int, options: ImageOptions) -> Message:
     if isinstance(m.content, str):
         return Message(m.role, (TextPart(m.content),))
-    parts: list[Part] = []
+    items: list[tuple[Any, str]] = []
     for j, c in enumerate(m.content):
         param = f"messages[{index}].content[{j}]"
-        if isinstance(c, ImageContent):
-            parts.extend(decode_image(c.image, options, param=param))
+        if isinstance(c, ImageDicomContent):
+            items.append((c.image_dicom, f"{param}.image_dicom"))
         elif isinstance(c, ImageURLContent):
             url = c.image_url if isinstance(c.image_url, str) else c.image_url.url
-            parts.extend(decode_image(_data_uri_only(url, param), options, param=param))
+            items.append((_data_uri_only(url, param), param))
+        elif isinstance(c, ImageContent):
+            items.append((c.image, param))
         else:
-            parts.append(TextPart(c.text))
-    return Message(m.role, tuple(_label_series_in_parts(parts)))
+            items.append((TextPart(c.text), param))
+    return Message(m.role, tuple(content_parts(items, options, f"messages[{index}].content")))
+
+
+def content_parts(items: Sequence[tuple[Any, str]], options: ImageOptions, param: str) -> list[Part]:
+    """A message's content as internal parts, the same for every API (each maps its own part types first).
+
+    ``items`` are ``(item, param)`` pairs: a :class:`TextPart`, a :class:`DicomSource` (fetched where it stands),
+    or an image value (data URI, upload, bytes, PIL image). Several CT or MR DICOM files among the image values
+    form one volume, placed after the other parts with its slices labelled ``SLICE n`` (Google's order:
+    instruction, slices, question), unless the client labelled slices itself.
+    """
+    slots: list[Part | tuple[Any, str]] = []  # parts, or image values still to decode
+    for item, p in items:
+        if isinstance(item, DicomSource):
+            slots.extend(dicom_source(item, options, param=p))
+        elif isinstance(item, TextPart):
+            slots.append(item)
+        else:
+            slots.append((item, p))
+    values = [slot for slot in slots if isinstance(slot, tuple)]
+    labelled = any(isinstance(s, TextPart) and s.text.startswith("SLICE") for s in slots)
+    if len(values) > 1 and not labelled:
+        uploads = [to_upload(value, options, param=p) for value, p in values]
+        if all(isinstance(u, Upload) for u in uploads):
+            series = sources.uploaded_series(uploads, options, param)  # type: ignore[arg-type]
+            if series is not None:
+                return [*(s for s in slots if not isinstance(s, tuple)), *series]
+    parts: list[Part] = []
+    for slot in slots:
+        if isinstance(slot, tuple):
+            parts.extend(decode_image(slot[0], options, param=slot[1]))
+        else:
+            parts.append(slot)
+    return parts
 
 
 def _data_uri_only(url: str, param: str) -> str:
@@ -239,34 +323,3 @@ def _data_uri_only(url: str, param: str) -> str:
             param=param,
         )
     return url
-
-
-def _is_ct_series(images: Sequence[ImagePart]) -> bool:
-    return len(images) > 1 and all(
-        im.info.get("source") == "dicom" and im.info.get("modality") == "CT" for im in images
-    )
-
-
-def _slice_key(im: ImagePart) -> tuple[float, float]:
-    inst = im.info.get("instance_number")
-    loc = im.info.get("slice_location")
-    return (float(inst) if inst is not None else float("inf"), float(loc) if loc is not None else 0.0)
-
-
-def _label_series(images: list[ImagePart]) -> list[Part]:
-    """Several CT slices → ordered by slice, each followed by "SLICE n"; other images stay as sent."""
-    if not _is_ct_series(images):
-        return list(images)
-    ordered = sorted(images, key=_slice_key)
-    out: list[Part] = []
-    for n, im in enumerate(ordered, start=1):
-        out.extend([im, TextPart(f"SLICE {n}")])
-    return out
-
-
-def _label_series_in_parts(parts: list[Part]) -> Iterable[Part]:
-    images = [p for p in parts if isinstance(p, ImagePart)]
-    if not _is_ct_series(images) or any(isinstance(p, TextPart) and p.text.startswith("SLICE") for p in parts):
-        return parts
-    texts = [p for p in parts if isinstance(p, TextPart)]
-    return [*texts, *_label_series(images)]

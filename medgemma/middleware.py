@@ -39,14 +39,21 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 OWN_ERROR_HEADER = b"x-medgemma-error"  # set on every error body this project writes; stripped before sending
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-OPEN_PATHS = ("/livez", "/readyz", "/healthz", "/metrics")
+PREDICT_PATH = "/predict"  # Google's request format; Vertex AI's AIP_PREDICT_ROUTE is rewritten onto it
+VERTEX_HEALTH_PATH = "/vertex/health"  # ready-gated health; Vertex AI's AIP_HEALTH_ROUTE is rewritten onto it
+OPEN_PATHS = ("/livez", "/readyz", "/healthz", "/metrics", VERTEX_HEALTH_PATH)
 _DOC_PATHS = frozenset({"/", "/docs", "/docs.json", "/schema.json"})
 
 
 # Fields the request's handler adds to its access-log line. The middleware puts a fresh dict in the context of each
 # request; the handler (same task, or a thread or task started from it) fills it.
 def is_openai_path(path: str) -> bool:
-    return "/chat/completions" in path or (path.rstrip("/").endswith("/v1/models") and path.startswith("/v1"))
+    """Routes whose errors take OpenAI's shape (Google's /predict answers errors the same way)."""
+    return (
+        "/chat/completions" in path
+        or path == PREDICT_PATH
+        or (path.rstrip("/").endswith("/v1/models") and path.startswith("/v1"))
+    )
 
 
 class EdgeMiddleware:
@@ -61,6 +68,7 @@ class EdgeMiddleware:
         on_response: Callable[[str, int], None] | None = None,
         json_paths: frozenset[str] = frozenset(),
         open_prefixes: tuple[str, ...] = ("/static_content/",),
+        aliases: dict[str, str] | None = None,
     ) -> None:
         self.app = app
         self.api_token = api_token.encode()
@@ -70,6 +78,8 @@ class EdgeMiddleware:
         self.on_response = on_response
         self.json_paths = json_paths
         self.open_prefixes = open_prefixes
+        # exact path -> served path: Vertex AI's configurable routes onto /predict and /vertex/health
+        self.aliases = {k: v for k, v in (aliases or {}).items() if k and k != v}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -84,6 +94,9 @@ class EdgeMiddleware:
         state["request_id"] = rid
         state["authenticated"] = self._token_ok(headers)
         path: str = scope.get("path", "")
+        if path in self.aliases:
+            path = scope["path"] = self.aliases[path]
+            scope["raw_path"] = path.encode()
         openai = self.openai_path(path)
         status_holder = {"status": 0}
         notes: dict[str, str] = {}

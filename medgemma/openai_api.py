@@ -16,6 +16,7 @@ from __future__ import annotations
 import ipaddress
 import time
 import urllib.parse
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
@@ -23,8 +24,8 @@ from pydantic import Field, model_validator
 from medgemma import inputs
 from medgemma.config import Settings
 from medgemma.errors import BadRequest, NotFound, PayloadTooLarge
-from medgemma.protocol import GenerationRequest, GenerationResult, ImagePart, Message, Part, TextPart
-from medgemma.schemas import APIModel, GenerationParameters
+from medgemma.protocol import GenerationRequest, GenerationResult, Message, Part, TextPart
+from medgemma.schemas import APIModel, GenerationParameters, ImageDicomContent
 
 
 class OAIImageURL(APIModel):
@@ -42,7 +43,7 @@ class OAIImagePart(APIModel):
     image_url: OAIImageURL
 
 
-OAIPart = Annotated[OAITextPart | OAIImagePart, Field(discriminator="type")]
+OAIPart = Annotated[OAITextPart | OAIImagePart | ImageDicomContent, Field(discriminator="type")]
 
 
 class OAIMessage(APIModel):
@@ -112,10 +113,10 @@ class ChatCompletionRequest(APIModel):
         )
 
 
-def adapter_of(requested: str, settings: Settings) -> str | None:
-    """OpenAI clients must name a model: the route name or the configured source (the base model, like vLLM's
-    served name), or a LoRA adapter's name (as in vLLM), which this returns."""
-    if requested in {settings.route_prefix, settings.model}:
+def adapter_of(requested: str | None, settings: Settings) -> str | None:
+    """The route name or the configured source (the base model, like vLLM's served name), or a LoRA adapter's name
+    (as in vLLM), which this returns. OpenAI clients must name a model; Google's format may leave it out (None)."""
+    if requested is None or requested in {settings.route_prefix, settings.model}:
         return None
     adapters = [n for n, _ in settings.lora_adapter_specs]
     if requested in adapters:
@@ -124,10 +125,25 @@ def adapter_of(requested: str, settings: Settings) -> str | None:
     raise NotFound(f"model '{requested[:100]}' is not served here; use {names} (see GET /v1/models)", param="model")
 
 
+def part_item(part: Any, settings: Settings, param: str) -> tuple[Any, str]:
+    """An OpenAI content part as an item for ``inputs.content_parts``."""
+    if isinstance(part, OAITextPart):
+        return TextPart(part.text), param
+    if isinstance(part, ImageDicomContent):
+        return part.image_dicom, f"{param}.image_dicom"
+    return image_value(part.image_url.url, settings, param), param
+
+
 def to_generation_request(
-    req: ChatCompletionRequest, settings: Settings, *, vision: bool, request_id: str | None = None
+    req: ChatCompletionRequest,
+    settings: Settings,
+    *,
+    vision: bool,
+    request_id: str | None = None,
+    item: Callable[[Any, Settings, str], tuple[Any, str]] = part_item,
 ) -> GenerationRequest:
-    options = inputs.image_options(settings)
+    """The request as the one internal request; ``item`` maps a content part (Google's format has more kinds)."""
+    options = inputs.image_options(settings, seed=req.seed)
     messages: list[Message] = []
     for i, m in enumerate(req.messages):
         if m.name is not None:  # Gemma's chat format has no participant names: refuse rather than drop it
@@ -140,26 +156,30 @@ def to_generation_request(
         elif isinstance(m.content, str):
             parts = [TextPart(m.content)]
         else:
-            parts = []
-            for j, p in enumerate(m.content):
-                param = f"messages[{i}].content[{j}]"
-                if isinstance(p, OAITextPart):
-                    parts.append(TextPart(p.text))
-                else:
-                    parts.extend(_image(p.image_url.url, settings, options, param))
+            items = [item(p, settings, f"messages[{i}].content[{j}]") for j, p in enumerate(m.content)]
+            parts = inputs.content_parts(items, options, f"messages[{i}].content")
         messages.append(Message(role, tuple(parts)))  # type: ignore[arg-type]
     params = inputs.sampling_params(req.parameters(), settings, stop=req.stop_list())
     adapter = adapter_of(req.model, settings)
-    return inputs.build_request(messages, params, settings, vision=vision, request_id=request_id, adapter=adapter)
+    return inputs.build_request(
+        messages,
+        params,
+        settings,
+        vision=vision,
+        request_id=request_id,
+        adapter=adapter,
+        image_sources=options.sources,
+    )
 
 
-def _image(url: str, settings: Settings, options: inputs.ImageOptions, param: str) -> list[ImagePart]:
+def image_value(url: str, settings: Settings, param: str, credential: str | None = None) -> Any:
+    """An image URL as an image value: an allow-listed http(s) URL is fetched, anything else is a data URI."""
     if url.startswith(("http://", "https://")):
-        return inputs.decode_image(fetch_image(url, settings, param), options, param=param)
-    return inputs.decode_image(url, options, param=param)
+        return fetch_image(url, settings, param, credential)
+    return url
 
 
-def fetch_image(url: str, settings: Settings, param: str) -> inputs.UploadedImage:
+def fetch_image(url: str, settings: Settings, param: str, credential: str | None = None) -> inputs.UploadedImage:
     """Fetch an http(s) image only from an allow-listed domain, with a size cap and a short timeout."""
     host = (urllib.parse.urlsplit(url).hostname or "").lower()
     allowed = [d.lower().lstrip(".") for d in settings.image_url_domains]
@@ -178,7 +198,8 @@ def fetch_image(url: str, settings: Settings, param: str) -> inputs.UploadedImag
 
     limit = settings.max_image_bytes
     try:
-        with httpx.stream("GET", url, timeout=10.0, follow_redirects=False) as resp:
+        headers = {"Authorization": f"Bearer {credential}"} if credential else None
+        with httpx.stream("GET", url, timeout=10.0, follow_redirects=False, headers=headers) as resp:
             if resp.status_code != 200:
                 raise BadRequest(f"{param}: fetching the image URL answered HTTP {resp.status_code}", param=param)
             data = bytearray()
@@ -222,6 +243,7 @@ def completion(req: GenerationRequest, result: GenerationResult, model: str, met
         ],
         "usage": usage(result),
         "compute_metrics": metrics,
+        **({"image_sources": req.image_sources} if req.image_sources else {}),
     }
 
 

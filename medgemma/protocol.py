@@ -107,6 +107,10 @@ class GenerationRequest:
     params: SamplingParams
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     adapter: str | None = None  # a LoRA adapter's name (MEDGEMMA_LORA_ADAPTERS); None = the base model
+    # For the response only (the engine ignores both): what each image source gave (DICOMweb, series, slides),
+    # and whether the caller asked to see the images the model was given.
+    image_sources: list[dict[str, Any]] = field(default_factory=list)
+    image_previews: bool = False
 
     @property
     def images(self) -> list[ImagePart]:

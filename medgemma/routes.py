@@ -18,7 +18,13 @@ from starlette.requests import ClientDisconnect
 
 from medgemma.core import ClientGone, MedGemmaCore
 from medgemma.errors import BadRequest, InternalError, ServiceError, error_body
-from medgemma.middleware import OWN_ERROR_HEADER, scope_authenticated, scope_request_id
+from medgemma.middleware import (
+    OWN_ERROR_HEADER,
+    PREDICT_PATH,
+    VERTEX_HEALTH_PATH,
+    scope_authenticated,
+    scope_request_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +89,38 @@ def openai_app(core: Callable[[], MedGemmaCore]) -> FastAPI:
     """The OpenAI-compatible routes alone, mounted at `/v1` so `base_url="http://host:3000/v1"` works."""
     app = FastAPI(title="MedGemma OpenAI-compatible API", docs_url=None, redoc_url=None)
     app.include_router(openai_router(core, models=True))
+    return app
+
+
+def google_app(core: Callable[[], MedGemmaCore]) -> FastAPI:
+    """Google's MedGemma request format (``POST /predict``) and Vertex AI's readiness check, mounted at the root.
+
+    Vertex AI's own paths (``AIP_PREDICT_ROUTE``, ``AIP_HEALTH_ROUTE``) are rewritten onto these two by the edge
+    middleware, so they work whatever Vertex names them (its defaults live under ``/v1/``, beside the OpenAI routes).
+    """
+    app = FastAPI(title="MedGemma: Google's request format", docs_url=None, redoc_url=None)
+
+    @app.post(PREDICT_PATH)
+    async def predict(request: Request) -> Response:
+        try:
+            payload = await read_json(request)
+            rid = scope_request_id(request.scope)
+            body = await core().predict(payload, request_id=rid, disconnected=request.is_disconnected)
+            return json_response(body)
+        except ClientGone:
+            return Response(status_code=499)
+        except Exception as exc:
+            return error_response(exc, openai=True)
+
+    @app.get(VERTEX_HEALTH_PATH)
+    async def vertex_health() -> Response:
+        try:
+            body, status = core().ready_health()
+            # the 503 is this project's own body (state, progress), not one for the edge to reshape
+            return json_response(body, status, headers={OWN_ERROR_HEADER.decode(): "1"} if status >= 400 else None)
+        except Exception as exc:
+            return error_response(exc)
+
     return app
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from medgemma.errors import BadRequest
 
@@ -53,7 +53,27 @@ class ImageURLContent(APIModel):
     image_url: ImageURL | str
 
 
-ContentPart = Annotated[TextContent | ImageContent | ImageURLContent, Field(discriminator="type")]
+class DicomSource(APIModel):
+    """A DICOMweb source, the ``image_dicom`` object of Google's MedGemma container.
+
+    ``dicom_source`` names a series (``<root>/studies/<UID>/series/<UID>``), one instance (``.../instances/<UID>``)
+    or an ordered list of instance URLs, under a root the operator allow-listed (``MEDGEMMA_DICOMWEB_URLS``).
+    ``access_credential`` is sent to that PACS as a bearer token for this request only, never logged or echoed.
+    """
+
+    dicom_source: str | Annotated[list[str], Field(min_length=1, max_length=4096)]
+    access_credential: Annotated[SecretStr, Field(max_length=16384)] | None = None
+    # Google's container can cut given regions out of an instance; this server samples tissue patches itself and
+    # refuses the field by name (see medgemma.inputs) rather than ignore it.
+    patch_coordinates_list: list[Any] | None = None
+
+
+class ImageDicomContent(APIModel):
+    type: Literal["image_dicom"]
+    image_dicom: DicomSource
+
+
+ContentPart = Annotated[TextContent | ImageContent | ImageURLContent | ImageDicomContent, Field(discriminator="type")]
 
 
 class ChatMessage(APIModel):
@@ -96,8 +116,10 @@ class GenerateRequest(GenerationParameters):
     image: ImageValue | None = None
     images: list[ImageValue] | None = None
     messages: list[ChatMessage] | None = None
+    image_dicom: DicomSource | Annotated[list[DicomSource], Field(min_length=1, max_length=16)] | None = None
     window: WindowSpec | None = None
     dicom_frames: Literal["middle", "first", "all"] | None = None
+    image_previews: bool = False  # add a small JPEG of every image the model was given (the playground shows them)
     stream: bool = False
     adapter: Annotated[str, Field(min_length=1, max_length=200)] | None = None  # a LoRA adapter's name
 
@@ -110,10 +132,17 @@ class GenerateRequest(GenerationParameters):
 
     @model_validator(mode="after")
     def _one_format(self) -> GenerateRequest:
-        simple = self.text is not None or self.system is not None or self.image is not None or self.images
+        simple = (
+            self.text is not None
+            or self.system is not None
+            or self.image is not None
+            or self.images
+            or self.image_dicom is not None
+        )
         if self.messages is not None and simple:
             raise ValueError(
-                "use either the simple format (text, system, image, images) or the chat format (messages), not both"
+                "use either the simple format (text, system, image, images, image_dicom) or the chat format "
+                "(messages), not both"
             )
         if self.messages is None and self.text is None:
             raise ValueError("either text (simple format) or messages (chat format) is required")
@@ -123,7 +152,13 @@ class GenerateRequest(GenerationParameters):
 
 
 _TYPE_NAMES = {"str", "int", "float", "bool", "bytes", "dict", "list"}
-_PART_TAGS = {"text", "image", "image_url"}  # discriminator tags pydantic puts after a content part's index
+_PART_TAGS = {
+    "text",
+    "image",
+    "image_url",
+    "image_dicom",
+    "image_bytes",
+}  # discriminator tags pydantic puts after a content part's index
 
 
 def validation_message(exc: ValidationError) -> tuple[str, str | None]:

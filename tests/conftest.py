@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,29 @@ def tiny_text(demo_root: Path) -> Path:
 # because the test modules import them from this file.
 Server = BentoServer
 bentoml_serve = serve
+
+
+# --- a real PACS (Debian's Orthanc + DICOMweb plugin), loaded once per session ----------------------------------------
+
+
+def require_pacs() -> None:
+    """Fail (CI) or skip (elsewhere) with the install command when Orthanc, its plugin or the dicomizer is missing."""
+    from tests import pacs
+
+    lacking = pacs.missing()
+    if lacking:
+        message = f"the PACS tests need {', '.join(lacking)} ({pacs.INSTALL})"
+        if os.environ.get("CI"):
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[object, object]]:
+    """(Orthanc server, PacsData): the synthetic CT, MR, radiograph, report and slide, on a free loopback port."""
+    require_pacs()
+    from tests import pacs as pacs_lib
+
+    work = tmp_path_factory.mktemp("orthanc")
+    with pacs_lib.orthanc(work / "server") as server:
+        yield server, pacs_lib.load_study_set(server, work / "data")

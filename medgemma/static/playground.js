@@ -13,6 +13,8 @@
     status: $("status"), error: $("error"), answer: $("answer"), answerModel: $("answer-model"),
     metricsBox: $("metrics-box"), metrics: $("metrics"), imagesBox: $("images-box"), images: $("images"),
     rawBox: $("raw-box"), raw: $("raw"), modelName: $("model-name"), modelState: $("model-state"),
+    dicomUrl: $("dicom-url"), dicomCredential: $("dicom-credential"), givenBox: $("given-box"),
+    givenSummary: $("given-summary"), given: $("given"),
     modelDevice: $("model-device"), loadBox: $("load-box"), loadProgress: $("load-progress"),
     loadText: $("load-text"), loadError: $("load-error"), demo: $("demo-warning"),
   };
@@ -170,6 +172,13 @@
     const temperature = Number(el.temperature.value || 0);
     if (temperature > 0) payload.temperature = temperature; // the server turns sampling on
     if (el.file.files[0]) payload.image = await readImage(el.file.files[0]);
+    const url = el.dicomUrl.value.trim();
+    if (url) {
+      payload.image_dicom = { dicom_source: url };
+      const credential = el.dicomCredential.value.trim();
+      if (credential) payload.image_dicom.access_credential = credential;
+    }
+    if (payload.image || payload.image_dicom) payload.image_previews = true; // to show what the model was given
     return payload;
   }
 
@@ -190,7 +199,9 @@
     el.metrics.replaceChildren();
     el.images.replaceChildren();
     el.raw.textContent = "";
-    el.metricsBox.hidden = el.imagesBox.hidden = el.rawBox.hidden = true;
+    el.given.replaceChildren();
+    el.givenSummary.replaceChildren();
+    el.metricsBox.hidden = el.imagesBox.hidden = el.rawBox.hidden = el.givenBox.hidden = true;
   }
 
   let controller = null;
@@ -285,7 +296,8 @@
     el.answerModel.textContent = event.model ? `Model: ${event.model}` : "";
     renderMetrics(event.compute_metrics || {});
     renderImages(event.images || []);
-    el.raw.textContent = JSON.stringify(event, null, 2);
+    renderGiven(event.images || [], event.image_sources || []);
+    el.raw.textContent = JSON.stringify(event, (key, value) => (key === "preview" ? "(image)" : value), 2);
     el.rawBox.hidden = false;
     const finish = event.finish_reason ? ` Finish reason: ${event.finish_reason}.` : "";
     setStatus(`Done.${finish}`);
@@ -331,11 +343,64 @@
       const dl = document.createElement("dl");
       dl.className = "kv";
       for (const [key, value] of Object.entries(info || {})) {
-        if (value != null) addPair(dl, key, key.replace(/_/g, " "), describeValue(key, value));
+        if (value != null && key !== "preview") addPair(dl, key, key.replace(/_/g, " "), describeValue(key, value));
       }
       el.images.append(h, dl);
     });
     el.imagesBox.hidden = !images.length;
+  }
+
+  function describeSource(src) {
+    const parts = [`${src.modality || "image"} ${src.type || "source"} (${(src.kind || "").replace(/_/g, " ")})`];
+    if (src.type === "slide") {
+      parts.push(`level ${src.wsi_level} of ${src.wsi_levels}, ${src.level_size?.join(" × ")} px` +
+        (src.magnification ? ` at ${src.magnification}×` : ""));
+      parts.push(`${src.patch_count} of ${src.tissue_patches} tissue patches (seed ${src.seed})`);
+    } else {
+      parts.push(`${src.slices_sampled} images from ${src.instances_used} of ${src.instances_found} instances`);
+      if (src.order_key) parts.push(`order: ${src.order_key.replace(/_/g, " ")}`);
+      const w = src.windows;
+      if (w?.kind === "ct_rgb") parts.push(`CT windows (HU) ${w.hu.map((x) => x.join("…")).join(", ")}`);
+      else if (w?.kind === "minmax_volume") parts.push(`one min–max over the volume (${w.lo}…${w.hi})`);
+      else if (w?.kind === "request") parts.push(`window centre ${w.center}, width ${w.width}`);
+      const dropped = Object.entries(src.dropped || {}).map(([k, v]) => `${v} ${k.replace(/_/g, " ")}`);
+      if (dropped.length) parts.push(`left out: ${dropped.join(", ")}`);
+    }
+    return parts.join(" · ");
+  }
+
+  function caption(info, i) {
+    if (info.label) return info.label;
+    if (info.patch) return `x ${info.patch.x}, y ${info.patch.y}`;
+    return `Image ${i + 1}`;
+  }
+
+  // The images exactly as the model got them (small previews), in order: a strip of labelled slices, a grid of
+  // patches, so a person can see at a glance whether the right series, order and window went in.
+  function renderGiven(images, sources) {
+    el.given.replaceChildren();
+    el.givenSummary.replaceChildren();
+    for (const src of sources) {
+      const li = document.createElement("li");
+      li.textContent = describeSource(src);
+      el.givenSummary.append(li);
+    }
+    const shown = images.filter((info) => typeof info.preview === "string" && info.preview.startsWith("data:image/"));
+    const patches = shown.length && shown.every((info) => info.patch);
+    el.given.className = `given ${patches ? "grid" : "strip"}`;
+    shown.forEach((info, i) => {
+      const figure = document.createElement("figure");
+      figure.setAttribute("role", "listitem");
+      const img = document.createElement("img");
+      img.src = info.preview;
+      img.alt = `${caption(info, i)} as given to the model`;
+      const figcaption = document.createElement("figcaption");
+      figcaption.textContent = caption(info, i);
+      figure.dataset.label = caption(info, i);
+      figure.append(img, figcaption);
+      el.given.append(figure);
+    });
+    el.givenBox.hidden = !shown.length && !sources.length;
   }
 
   // -- wiring ----------------------------------------------------------------------------------------------------

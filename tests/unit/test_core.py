@@ -174,7 +174,9 @@ def test_chat_completion_stream_with_usage(core: MedGemmaCore):
 def test_health_shows_details_only_when_asked(core: MedGemmaCore, tiny_vlm: Path):
     open_ = core.health()
     assert open_["model_state"] == "ready" and open_["status"] == "healthy"
+    kv = open_["engine"].pop("kv_cache")
     assert open_["engine"] == {"waiting": 0, "running": 0, "max_batch_size": 4}
+    assert kv["full"]["blocks_used"] == 0 and kv["full"]["blocks_total"] > 0 and kv["capacity_tokens"] > 0
     assert open_["load_seconds"] > 0 and open_["loads"] == 1 and open_["model_memory_mb"] > 0
     assert "details" not in open_ and str(tiny_vlm) not in json.dumps(open_)
     assert core.health(details=True)["details"] == {"model_source": str(tiny_vlm), "loading_error": None}

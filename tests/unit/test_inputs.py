@@ -516,13 +516,27 @@ def test_single_ct_slice_is_not_labelled():
     assert shape(req) == [("user", ["text:q", "image"])]
 
 
-def test_mixed_or_non_ct_images_are_not_labelled():
+def test_mixed_or_non_volume_images_are_not_labelled():
     req = build({"text": "q", "images": [dicom_uri(ct_slice(2, 1.0)), PNG]})
     assert shape(req) == [("user", ["text:q", "image", "image"])]
-    req = build({"text": "q", "images": [dicom_uri(ct_slice(2, 1.0, modality="MR")),
-                                          dicom_uri(ct_slice(1, 0.0, modality="MR"))]})  # fmt: skip
+    req = build({"text": "q", "images": [dicom_uri(ct_slice(2, 1.0, modality="CR")),
+                                          dicom_uri(ct_slice(1, 0.0, modality="CR"))]})  # fmt: skip
     assert shape(req) == [("user", ["text:q", "image", "image"])]
     assert [p.info["instance_number"] for p in req.images] == [2, 1]
+    assert req.image_sources == []
+
+
+def test_mr_series_is_a_volume_with_one_minmax_over_all_slices():
+    # two MR slices of different brightness: one min-max over the volume keeps the darker one darker
+    images = [dicom_uri(ct_slice(2, 1.0, modality="MR", value=500)), dicom_uri(ct_slice(1, 0.0, modality="MR"))]
+    req = build({"text": "q", "images": images})
+    assert shape(req) == [("user", ["text:q", "image", "text:SLICE 1", "image", "text:SLICE 2"])]
+    assert [p.info["instance_number"] for p in req.images] == [1, 2]
+    assert [red(p) for p in req.images] == [0, 255]  # stored 1024 -> 1024 + 500 over the whole volume
+    (report,) = req.image_sources
+    assert report["kind"] == "uploaded_series" and report["windows"]["kind"] == "minmax_volume"
+    assert report["instances_found"] == report["instances_used"] == report["slices_sampled"] == 2
+    assert report["order_key"] == "slice_normal" and report["slice_positions"] == [0.0, 1.0]
 
 
 def test_ct_slices_count_against_max_images():

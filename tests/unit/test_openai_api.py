@@ -86,13 +86,16 @@ def test_stop_list(stop, expected):
     assert parse(stop=stop).stop_list() == expected
 
 
-def test_check_model_accepts_the_route_name_and_the_source():
-    openai_api.check_model("medgemma-4b-it", SETTINGS)
-    openai_api.check_model("google/medgemma-4b-it", SETTINGS)
+def test_adapter_of_accepts_the_route_name_the_source_and_adapters():
+    assert openai_api.adapter_of("medgemma-4b-it", SETTINGS) is None
+    assert openai_api.adapter_of("google/medgemma-4b-it", SETTINGS) is None
+    assert openai_api.adapter_of(None, SETTINGS) is None  # Google's format may leave the model out
+    with_adapter = SETTINGS.replace(lora_adapters=("radiology=/adapters/radiology",))
+    assert openai_api.adapter_of("radiology", with_adapter) == "radiology"
     with pytest.raises(NotFound) as err:
-        openai_api.check_model("gpt-4o", SETTINGS)
+        openai_api.adapter_of("gpt-4o", with_adapter)
     assert err.value.status_code == 404 and err.value.param == "model"
-    assert "medgemma-4b-it" in err.value.message  # says which name to use
+    assert "medgemma-4b-it" in err.value.message and "radiology" in err.value.message  # says which names to use
 
 
 # ------------------------------------------------------------------------------------------------ conversion
