@@ -95,7 +95,7 @@ class Settings:
         512, "Longest prompt chunk read in one step; a prompt is read in chunks (never splitting an image)."
     )
     prefill_share: float = setting(
-        0.5, "While requests are decoding, prompt chunks may add at most this fraction to a step's measured time."
+        0.6, "While requests are decoding, prompt chunks may add at most this fraction to a step's measured time."
     )
 
     # --- inputs and limits ---------------------------------------------------------------------------------------

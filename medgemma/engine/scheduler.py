@@ -103,7 +103,7 @@ class Engine:
         kv_cache_bytes: int | None = None,
         kv_block_size: int = 16,
         prefill_chunk_tokens: int = 512,
-        prefill_share: float = 0.5,
+        prefill_share: float = 0.6,
         on_finish: Callable[[RequestHandle], None] | None = None,
         on_stats: Callable[[EngineStats], None] | None = None,
         lora: LoraSet | None = None,
