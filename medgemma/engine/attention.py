@@ -54,6 +54,7 @@ class Group:
     q_index: torch.Tensor  # (B, Q) indices into the packed tokens
     kv_slots: torch.Tensor  # (B, L) pool slots (padding points at a valid slot and is masked)
     mask: torch.Tensor | None  # (B, 1, Q, L) bool, True = attend; None = everything
+    identity: bool = False  # q_index is every packed token in order: no gather or scatter of queries needed
 
 
 @dataclass
@@ -74,7 +75,12 @@ class LayerPlan:
                 self.cache,
                 self.write_slots.to(device),
                 [
-                    Group(g.q_index.to(device), g.kv_slots.to(device), None if g.mask is None else g.mask.to(device))
+                    Group(
+                        g.q_index.to(device),
+                        g.kv_slots.to(device),
+                        None if g.mask is None else g.mask.to(device),
+                        g.identity,
+                    )
                     for g in self.groups
                 ],
             )
@@ -94,32 +100,31 @@ def _build(cache: PagedKVCache, kind: Kind, chunks: list[Chunk], device: torch.d
     window = cache.window if kind == "sliding" else None
     writes: list[torch.Tensor] = []
     groups: list[Group] = []
-    decode: list[tuple[int, int, int, RowKV]] = []  # (packed index, kv start, kv length, row)
+    decode: list[tuple[int, torch.Tensor]] = []  # (packed index, the row's key slots)
+    total = sum(c.end - c.start for c in chunks)
     offset = 0
     for c in chunks:
         table = c.kv.table(kind)
-        blocks = table.tensor(device)
-        pos = torch.arange(c.start, c.end, device=device)
-        writes.append(blocks[pos // bs - table.first] * bs + pos % bs)
+        slots, base = table.slots(device, bs), table.first * bs
+        writes.append(slots[c.start - base : c.end - base])
         kv_start = 0 if window is None else max(0, c.start - window + 1)
+        kv_slots = slots[kv_start - base : c.end - base]
         n_q = c.end - c.start
         if n_q == 1 and c.image_groups is None:
-            decode.append((offset, kv_start, c.end - kv_start, c.kv))
+            decode.append((offset, kv_slots))
         else:
-            groups.append(
-                _prefill_group(c, table, offset=offset, kv_start=kv_start, window=window, bs=bs, device=device)
-            )
+            groups.append(_prefill_group(c, kv_slots, offset=offset, kv_start=kv_start, window=window, total=total))
         offset += n_q
-    groups.extend(_decode_groups(decode, kind, bs, device))
-    return LayerPlan(cache, torch.cat(writes), groups)
+    groups.extend(_decode_groups(decode, total, device))
+    return LayerPlan(cache, writes[0] if len(writes) == 1 else torch.cat(writes), groups)
 
 
 def _prefill_group(
-    c: Chunk, table: Any, *, offset: int, kv_start: int, window: int | None, bs: int, device: torch.device
+    c: Chunk, kv_slots: torch.Tensor, *, offset: int, kv_start: int, window: int | None, total: int
 ) -> Group:
+    device = kv_slots.device
     kpos = torch.arange(kv_start, c.end, device=device)
     qpos = torch.arange(c.start, c.end, device=device)
-    slots = table.tensor(device)[kpos // bs - table.first] * bs + kpos % bs
     allowed = kpos[None, :] <= qpos[:, None]
     if c.image_groups is not None:
         groups = c.image_groups.to(device)
@@ -130,44 +135,40 @@ def _prefill_group(
     if window is not None:
         allowed = allowed & (kpos[None, :] > qpos[:, None] - window)
     q_index = torch.arange(offset, offset + qpos.shape[0], device=device)
-    return Group(q_index[None], slots[None], allowed[None, None])
+    identity = offset == 0 and qpos.shape[0] == total
+    return Group(q_index[None], kv_slots[None], allowed[None, None], identity)
 
 
-def _decode_groups(rows: list[tuple[int, int, int, RowKV]], kind: Kind, bs: int, device: torch.device) -> list[Group]:
+def _decode_groups(rows: list[tuple[int, torch.Tensor]], total: int, device: torch.device) -> list[Group]:
     """Length grouping of one-token rows: each group pads only to its own longest row."""
     if not rows:
         return []
-    rows = sorted(rows, key=lambda r: -r[2])
-    out: list[Group] = []
-    current: list[tuple[int, int, int, RowKV]] = []
-    for r in rows:
+    by_length = sorted(rows, key=lambda r: -r[1].shape[0])
+    out: list[list[tuple[int, torch.Tensor]]] = []
+    current: list[tuple[int, torch.Tensor]] = []
+    for r in by_length:
         if current:
-            longest = current[0][2]
-            if r[2] < longest * _GROUP_SLACK_RATIO and longest - r[2] > _GROUP_SLACK_TOKENS:
-                out.append(_decode_group(current, kind, bs, device))
+            longest, length = current[0][1].shape[0], r[1].shape[0]
+            if length < longest * _GROUP_SLACK_RATIO and longest - length > _GROUP_SLACK_TOKENS:
+                out.append(current)
                 current = []
         current.append(r)
-    out.append(_decode_group(current, kind, bs, device))
-    return out
+    out.append(current)
+    return [_decode_group(sorted(g, key=lambda r: r[0]), total, device) for g in out]
 
 
-def _decode_group(rows: list[tuple[int, int, int, RowKV]], kind: Kind, bs: int, device: torch.device) -> Group:
-    longest = rows[0][2]
-    tables = [r[3].table(kind) for r in rows]
-    width = max(len(t.blocks) for t in tables)
-    table = torch.zeros((len(rows), width), dtype=torch.long, device=device)
-    for i, t in enumerate(tables):
-        table[i, : len(t.blocks)] = t.tensor(device)
-    starts = torch.tensor([r[1] for r in rows], device=device)
-    lengths = torch.tensor([r[2] for r in rows], device=device)
-    firsts = torch.tensor([t.first for t in tables], device=device)
-    ar = torch.arange(longest, device=device)
-    valid = ar[None, :] < lengths[:, None]
-    pos = torch.where(valid, starts[:, None] + ar[None, :], starts[:, None])
-    slots = table.gather(1, pos // bs - firsts[:, None]) * bs + pos % bs
-    q_index = torch.tensor([[r[0]] for r in rows], device=device)
-    mask = None if bool(valid.all()) else valid[:, None, None, :]
-    return Group(q_index, slots, mask)
+def _decode_group(rows: list[tuple[int, torch.Tensor]], total: int, device: torch.device) -> Group:
+    views = [r[1] for r in rows]
+    lengths = [v.shape[0] for v in views]
+    if len(set(lengths)) == 1:
+        slots, mask = torch.stack(views), None
+    else:  # padding points at slot 0 (valid memory) and is masked
+        slots = torch.nn.utils.rnn.pad_sequence(views, batch_first=True, padding_value=0)
+        valid = torch.arange(max(lengths), device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+        mask = valid[:, None, None, :]
+    offsets = [r[0] for r in rows]
+    q_index = torch.tensor(offsets, device=device)[:, None]
+    return Group(q_index, slots, mask, identity=offsets == list(range(total)))
 
 
 def paged_attention(  # noqa: PLR0917 - the signature transformers calls
@@ -191,16 +192,23 @@ def paged_attention(  # noqa: PLR0917 - the signature transformers calls
     k_pool.index_copy_(0, plan.write_slots, key[0].transpose(0, 1))
     v_pool.index_copy_(0, plan.write_slots, value[0].transpose(0, 1))
     q_all = query[0].transpose(0, 1)  # (T, Hq, D)
-    out = torch.empty_like(q_all)
     gqa = query.shape[1] != key.shape[1]
+    out: torch.Tensor | None = None
     for g in plan.groups:
         b, n_kv = g.kv_slots.shape
         flat = g.kv_slots.reshape(-1)
         k = k_pool.index_select(0, flat).view(b, n_kv, *k_pool.shape[1:]).transpose(1, 2)
         v = v_pool.index_select(0, flat).view(b, n_kv, *v_pool.shape[1:]).transpose(1, 2)
+        if g.identity:  # one group, every token in order (a batch of decode rows, or one prompt chunk): no copies
+            q = query if b == 1 else q_all.unsqueeze(2)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, scale=scaling, enable_gqa=gqa)
+            return o.transpose(1, 2).reshape(1, q_all.shape[0], *q_all.shape[1:]), None
+        if out is None:
+            out = torch.empty_like(q_all)
         q = q_all[g.q_index].transpose(1, 2)  # (B, Hq, Q, D)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, scale=scaling, enable_gqa=gqa)
         out[g.q_index] = o.transpose(1, 2)
+    assert out is not None
     return out.unsqueeze(0), None
 
 

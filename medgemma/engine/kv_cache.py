@@ -134,9 +134,12 @@ class RowTable:
         """First logical block not held."""
         return self.first + len(self.blocks)
 
-    def tensor(self, device: torch.device) -> torch.Tensor:
+    def slots(self, device: torch.device, block_size: int) -> torch.Tensor:
+        """Pool slots of every position held, from ``first * block_size`` on (cached until the blocks change)."""
         if self._tensor is None or self._tensor.device != device:
-            self._tensor = torch.tensor(self.blocks, dtype=torch.long, device=device)
+            blocks = torch.tensor(self.blocks, dtype=torch.long, device=device)
+            offsets = torch.arange(block_size, device=device)
+            self._tensor = (blocks[:, None] * block_size + offsets).flatten()
         return self._tensor
 
 
