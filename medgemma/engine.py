@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from medgemma import reasoning, structured
 from medgemma.demo import CHAT_TEMPLATE as GEMMA3_CHAT_TEMPLATE
 from medgemma.errors import BadRequest, EngineUnavailable, InternalError, Overloaded, ServiceError
 from medgemma.loader import LoadedModel
@@ -63,6 +64,7 @@ class PreparedRequest:
     token_type_ids: torch.Tensor | None  # (L,) 1 where image soft tokens are
     pixel_values: torch.Tensor | None  # (n_images, 3, H, W)
     params: SamplingParams
+    constraint: structured.RowConstraint | None = None  # [issue 12] compiled at prepare time, off the engine thread
 
     @property
     def n_input(self) -> int:
@@ -168,6 +170,7 @@ class _Row:
     emitted: str = ""
     held: str = ""  # decoded text withheld because it may be the start of a stop string
     finish: FinishReason | None = None
+    constraint: structured.RowConstraint | None = None  # [issue 12] this row's grammar state, if constrained
 
 
 class _Batch:
@@ -286,6 +289,12 @@ class Engine:
         has_template = getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
         self.chat_template: str | None = None if has_template else GEMMA3_CHAT_TEMPLATE
         self._reserved_tokens = _reserved_tokens(self.processor, self.tokenizer)
+        # [issue 12] text keeps the thinking tags even if a tokenizer marks them special (the core splits them off);
+        # constrained decoding compiles per request in `prepare` and masks per row in `_advance`.
+        self._detokenize = reasoning.tag_preserving_decoder(self.tokenizer)
+        self.grammars = structured.GrammarCompiler(
+            self.tokenizer, vocab_size=_vocab_size(loaded.config), eos_ids=sorted(self.eos_ids)
+        )
         self._waiting: deque[RequestHandle] = deque()
         self._cv = threading.Condition()
         self._batch = _Batch()
@@ -371,6 +380,7 @@ class Engine:
             token_type_ids=tti[0] if tti is not None and images else None,
             pixel_values=enc.get("pixel_values") if images else None,
             params=req.params,
+            constraint=self.grammars.compile(req.constraint) if req.constraint is not None else None,  # [issue 12]
         )
 
     def _check_reserved_tokens(self, req: GenerationRequest) -> None:
@@ -526,6 +536,7 @@ class Engine:
                     prompt_ids=p.input_ids,
                     generator=gen,
                     admitted_at=now,
+                    constraint=p.constraint,  # [issue 12]
                 )
             )
             h.prepared.pixel_values = None  # free image tensors early
@@ -562,6 +573,7 @@ class Engine:
     def _advance(self, row_idx: list[int], logits: torch.Tensor) -> None:
         """Pick the next token of each row in ``row_idx`` (logits row i ↔ row_idx[i]), emit text, retire rows."""
         rows = [self._batch.rows[i] for i in row_idx]
+        structured.apply_token_masks(self.grammars, [r.constraint for r in rows], logits)  # [issue 12] in place
         tokens = _sample(rows, logits)
         now = time.perf_counter()
         for row, tok in zip(rows, tokens, strict=True):
@@ -571,6 +583,10 @@ class Engine:
                 row.finish = "stop"
                 continue
             row.generated.append(tok)
+            if row.constraint is not None:  # [issue 12] a complete constraint ends the row
+                row.constraint.accept(tok)
+                if row.constraint.is_terminated():
+                    row.finish = "stop"
             if (
                 row.handle.streaming or row.params.stop
             ):  # nobody reads deltas of a plain request: decode once at the end
@@ -592,8 +608,8 @@ class Engine:
 
     def _emit_text(self, row: _Row) -> None:
         ids = row.generated
-        prefix = self.tokenizer.decode(ids[row.prefix_offset : row.read_offset], skip_special_tokens=True)
-        full = self.tokenizer.decode(ids[row.prefix_offset :], skip_special_tokens=True)
+        prefix = self._detokenize(ids[row.prefix_offset : row.read_offset])  # [issue 12] tag-preserving decode
+        full = self._detokenize(ids[row.prefix_offset :])
         if full.endswith("\ufffd") and len(ids) - row.read_offset < 4:
             return  # maybe a multi-byte character still arriving (UTF-8 needs at most 4 byte tokens): wait
         if len(full) <= len(prefix):
@@ -633,7 +649,7 @@ class Engine:
             text = row.emitted
         else:
             # The response text is the decode of every generated token; the stream gets whatever it has not shown.
-            text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
+            text = self._detokenize(row.generated)  # [issue 12] tag-preserving decode
             if finish != "cancelled" and text.startswith(row.emitted):
                 self._send(row, text[len(row.emitted) :])
         end = time.perf_counter()
@@ -770,6 +786,11 @@ def _eos_ids(loaded: LoadedModel) -> list[int]:
     if loaded.tokenizer.eos_token_id is not None:
         ids.append(int(loaded.tokenizer.eos_token_id))
     return ids
+
+
+def _vocab_size(config: Any) -> int:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text.vocab_size)
 
 
 def _context_length(config: Any) -> int | None:

@@ -101,11 +101,28 @@ class SamplingParams:
         }
 
 
+ConstraintKind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
+
+
+@dataclass(frozen=True)
+class ConstraintSpec:
+    """What the answer must match (``medgemma.structured`` compiles it). ``source`` is the canonical text: the schema
+    as compact JSON (key order kept), the regex, the choices as a JSON list, or the Lark grammar; ``param`` is the request
+    field, for error messages."""
+
+    kind: ConstraintKind
+    source: str
+    param: str
+
+
 @dataclass
 class GenerationRequest:
     messages: list[Message]
     params: SamplingParams
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    constraint: ConstraintSpec | None = None
+    include_thinking: bool = True  # False: a thought the model writes is removed from the response
+    pad_to_square: bool = False  # images were zero-padded to square (their info says how); boxes map back
 
     @property
     def images(self) -> list[ImagePart]:
