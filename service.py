@@ -93,6 +93,10 @@ class MedGemma:
         seed: int | None = None,
         window: dict[str, float] | None = None,
         dicom_frames: str | None = None,
+        response_format: dict[str, Any] | None = None,
+        structured_outputs: dict[str, Any] | None = None,
+        include_thinking: bool | None = None,
+        pad_to_square: bool | None = None,
         stream: bool = False,
     ) -> dict[str, Any]:
         """Generate a response (seed API). Images: data URIs in JSON, or PIL images / files via the BentoML client."""

@@ -72,6 +72,9 @@ class Settings:
     max_new_tokens_cap: int = setting(4096, "Largest `max_new_tokens` a request may ask for.")
     max_batch_size: int = setting(16, "Most sequences decoded together in one forward pass.")
     max_queue: int = setting(256, "Most requests waiting for a batch slot; more are answered 429.")
+    max_constraint_bytes: int = setting(
+        32768, "Largest JSON schema, regex, choice list or grammar in one request (bytes, compact JSON); larger is 400."
+    )
 
     # --- inputs and limits ---------------------------------------------------------------------------------------
     max_body_bytes: int = setting(128 * 1024 * 1024, "Largest request body; larger bodies get 413.")
@@ -115,6 +118,7 @@ class Settings:
             "max_new_tokens_cap",
             "max_batch_size",
             "max_queue",
+            "max_constraint_bytes",
             "max_body_bytes",
             "max_image_bytes",
             "max_image_pixels",

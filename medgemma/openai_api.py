@@ -3,8 +3,10 @@
 The request converts into the same internal request as the seed API (``medgemma.inputs.build_request``), so roles,
 images, limits and sampling rules are checked once. Same extra-field policy as the seed schemas: unknown fields are
 a 400 naming them. OpenAI fields this server does not implement are declared and accepted only at their neutral
-value (``n=1``, ``frequency_penalty=0``, ``logprobs=false``, ``response_format={"type":"text"}``), so a client that
-sends them explicitly at their defaults still works, and one that relies on them is told instead of ignored.
+value (``n=1``, ``frequency_penalty=0``, ``logprobs=false``), so a client that sends them explicitly at their
+defaults still works, and one that relies on them is told instead of ignored. ``response_format`` (``json_object``,
+``json_schema``) constrains decoding (``medgemma.structured``); a thought the model writes comes back as
+``reasoning_content``, as vLLM names it (``include_reasoning: false`` drops it).
 
 Deviations, on purpose: without ``max_tokens``/``max_completion_tokens`` the server default (200, like the seed)
 applies rather than "until the context is full"; without ``temperature`` decoding is greedy (the seed's default),
@@ -20,11 +22,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from medgemma import inputs
+from medgemma import answer, inputs
 from medgemma.config import Settings
 from medgemma.errors import BadRequest, NotFound, PayloadTooLarge
 from medgemma.protocol import GenerationRequest, GenerationResult, ImagePart, Message, Part, TextPart
-from medgemma.schemas import APIModel, GenerationParameters
+from medgemma.schemas import AnswerOptions, APIModel, GenerationParameters
 
 
 class OAIImageURL(APIModel):
@@ -55,11 +57,7 @@ class StreamOptions(APIModel):
     include_usage: bool = False
 
 
-class ResponseFormat(APIModel):
-    type: Literal["text"]
-
-
-class ChatCompletionRequest(APIModel):
+class ChatCompletionRequest(AnswerOptions):
     model: str
     messages: list[OAIMessage]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -80,7 +78,7 @@ class ChatCompletionRequest(APIModel):
     frequency_penalty: Literal[0] | None = None
     presence_penalty: Literal[0] | None = None
     logprobs: Literal[False] | None = None
-    response_format: ResponseFormat | None = None
+    include_reasoning: bool = True  # vLLM's name: false leaves a thought out of the response
     user: str | None = None  # an end-user id for abuse tracking upstream; never logged here
 
     @model_validator(mode="after")
@@ -124,7 +122,7 @@ def check_model(requested: str, settings: Settings) -> None:
 def to_generation_request(
     req: ChatCompletionRequest, settings: Settings, *, vision: bool, request_id: str | None = None
 ) -> GenerationRequest:
-    options = inputs.image_options(settings)
+    options = inputs.image_options(settings, pad_to_square=req.pad_to_square)
     messages: list[Message] = []
     for i, m in enumerate(req.messages):
         if m.name is not None:  # Gemma's chat format has no participant names: refuse rather than drop it
@@ -146,7 +144,9 @@ def to_generation_request(
                     parts.extend(_image(p.image_url.url, settings, options, param))
         messages.append(Message(role, tuple(parts)))  # type: ignore[arg-type]
     params = inputs.sampling_params(req.parameters(), settings, stop=req.stop_list())
-    return inputs.build_request(messages, params, settings, vision=vision, request_id=request_id)
+    greq = inputs.build_request(messages, params, settings, vision=vision, request_id=request_id)
+    greq.include_thinking = req.include_reasoning
+    return inputs.answer_options(req, settings, greq)
 
 
 def _image(url: str, settings: Settings, options: inputs.ImageOptions, param: str) -> list[ImagePart]:
@@ -203,6 +203,7 @@ def usage(result: GenerationResult) -> dict[str, int]:
 
 
 def completion(req: GenerationRequest, result: GenerationResult, model: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    shaped = answer.answer_of(req, result)
     return {
         "id": f"chatcmpl-{req.request_id}",
         "object": "chat.completion",
@@ -211,7 +212,7 @@ def completion(req: GenerationRequest, result: GenerationResult, model: str, met
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": result.text},
+                "message": {"role": "assistant", "content": shaped.text, **shaped.openai_message_fields()},
                 "finish_reason": _finish(result),
                 "logprobs": None,
             }
