@@ -96,7 +96,9 @@ def bench_xgrammar(tok: Any, n_vocab: int, schema: dict[str, Any], doc_ids: list
     return {"tokenizer_s": t_tok, "compile_s": t_compile, "mask_us": statistics.mean(times) * 1e6}
 
 
-def bench_llguidance(tok: Any, n_vocab: int, schema: dict[str, Any], doc_ids: list[int], repeat: int) -> dict[str, float]:
+def bench_llguidance(
+    tok: Any, n_vocab: int, schema: dict[str, Any], doc_ids: list[int], repeat: int
+) -> dict[str, float]:
     import llguidance
     import llguidance.hf
     import torch

@@ -106,9 +106,10 @@ ConstraintKind = Literal["json_schema", "json_object", "regex", "choice", "gramm
 
 @dataclass(frozen=True)
 class ConstraintSpec:
-    """What the answer must match (``medgemma.structured`` compiles it). ``source`` is the canonical text: the schema
-    as compact JSON (key order kept), the regex, the choices as a JSON list, or the Lark grammar; ``param`` is the request
-    field, for error messages."""
+    """What the answer must match (``medgemma.structured`` compiles it).
+
+    ``source`` is the canonical text: the schema as compact JSON (key order kept), the regex, the choices as a JSON
+    list, or the Lark grammar; ``param`` is the request field, for error messages."""
 
     kind: ConstraintKind
     source: str

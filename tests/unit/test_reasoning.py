@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -14,7 +16,7 @@ def feed_pieces(text: str, cuts: list[int]) -> tuple[str, str, ThinkingSplitter]
     splitter = ThinkingSplitter()
     answer = thinking = ""
     bounds = [0, *cuts, len(text)]
-    for a, b in zip(bounds, bounds[1:], strict=False):
+    for a, b in itertools.pairwise(bounds):
         part = splitter.feed(text[a:b])
         answer += part.answer
         thinking += part.thinking

@@ -207,7 +207,7 @@ def test_request_schema_refuses_contradictions(payload, fragment):
     assert fragment in err.value.message
 
 
-# --- the real engine: constrained and unconstrained rows in one batch ---------------------------------------------------
+# --- the real engine: constrained and unconstrained rows in one batch -------------------------------------------------
 
 
 @pytest.fixture(scope="module")
