@@ -73,7 +73,6 @@ def describe(loaded: LoadedModel, settings: Settings) -> dict[str, Any]:
         "defaults": {
             "max_new_tokens": settings.default_max_new_tokens,
             "do_sample": False,
-            "include_thinking": True,
         },
         # Constrained decoding (response_format, structured_outputs): what each kind takes.
         "structured_outputs": {
