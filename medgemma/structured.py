@@ -94,8 +94,9 @@ class RowConstraint:
                 self._phase = _ANSWER
             return
         if not self._matcher.consume_token(token_id):
-            # Cannot happen for a token the mask allowed; logged without content, and the row ends.
-            log.warning("constrained row refused its own token: %s", self._matcher.get_error()[:200])
+            # Cannot happen for a token the mask allowed. Logged without the library's message, which quotes
+            # generated text (patient data); the matcher is now in error, so the row ends (is_terminated).
+            log.warning("a constrained row's grammar refused the token the mask allowed; the row ends")
 
     def is_terminated(self) -> bool:
         """The constraint is complete and allows only the end: the row finishes with "stop"."""
