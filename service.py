@@ -101,6 +101,10 @@ class MedGemma:
         window: dict[str, float] | None = None,
         dicom_frames: str | None = None,
         image_previews: bool = False,
+        response_format: dict[str, Any] | None = None,
+        structured_outputs: dict[str, Any] | None = None,
+        include_thinking: bool | None = None,
+        pad_to_square: bool | None = None,
         stream: bool = False,
         adapter: str | None = None,
     ) -> dict[str, Any]:

@@ -97,6 +97,9 @@ class Settings:
     prefill_share: float = setting(
         0.6, "While requests are decoding, prompt chunks may add at most this fraction to a step's measured time."
     )
+    max_constraint_bytes: int = setting(
+        32768, "Largest JSON schema, regex, choice list or grammar in one request (bytes, compact JSON); larger is 400."
+    )
 
     # --- inputs and limits ---------------------------------------------------------------------------------------
     max_body_bytes: int = setting(128 * 1024 * 1024, "Largest request body; larger bodies get 413.")
@@ -177,6 +180,7 @@ class Settings:
             "max_queue",
             "kv_block_size",
             "prefill_chunk_tokens",
+            "max_constraint_bytes",
             "max_body_bytes",
             "max_image_bytes",
             "max_image_pixels",

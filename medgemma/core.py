@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from medgemma import discovery, google_api, inputs, openai_api, sources
+from medgemma import answer, discovery, google_api, inputs, openai_api, sources
 from medgemma.config import Settings
 from medgemma.engine import Engine, RequestHandle
 from medgemma.errors import EngineUnavailable, ServiceError, error_body
@@ -173,10 +173,19 @@ class MedGemmaCore:
         greq, handle = await self.submit(self.seed_builder(req, request_id))
 
         async def events() -> AsyncIterator[str]:
+            channels = answer.AnswerStream(greq)
+
+            def pieces(part: Any) -> list[str]:
+                out = [sse({"status": "streaming", "thinking_delta": part.thinking})] if part.thinking else []
+                return out + ([sse({"status": "streaming", "delta": part.answer})] if part.answer else [])
+
             try:
                 async for delta in handle.stream():
                     if delta.text:
-                        yield sse({"status": "streaming", "delta": delta.text})
+                        for event in pieces(channels.feed(delta.text)):
+                            yield event
+                for event in pieces(channels.finish()):
+                    yield event
                 assert handle.result is not None
                 self._log_result(greq, handle.result, "generate(stream)")
                 yield sse({**self.seed_body(greq, handle.result, started), "done": True})
@@ -188,14 +197,16 @@ class MedGemmaCore:
         return events()
 
     def seed_body(self, req: GenerationRequest, result: GenerationResult, started: float) -> dict[str, Any]:
+        shaped = answer.answer_of(req, result)
         body: dict[str, Any] = {
             "status": "success",
             "model": self.model_name,
-            "response": result.text,
+            "response": shaped.text,
             "parameters": req.params.seed_parameters(),
             "compute_metrics": compute_metrics(time.perf_counter() - started, result, adapter=req.adapter),
             "finish_reason": result.finish_reason,
             "request_id": req.request_id,
+            **shaped.seed_fields(),  # thinking apart from the answer, boxes in pixels (medgemma.answer)
         }
         images = [im.info for im in req.images]
         if req.image_previews:
@@ -264,16 +275,29 @@ class MedGemmaCore:
         created = int(time.time())
 
         async def events() -> AsyncIterator[str]:
+            channels = answer.AnswerStream(greq)
+
+            def pieces(part: Any) -> list[str]:
+                deltas = [{"reasoning_content": part.thinking}] if part.thinking else []
+                deltas += [{"content": part.answer}] if part.answer else []
+                return [sse(openai_api.chunk(greq, req.model, d, created=created)) for d in deltas]
+
             try:
                 yield sse(openai_api.chunk(greq, req.model, {"role": "assistant", "content": ""}, created=created))
                 async for delta in handle.stream():
                     if delta.text:
-                        yield sse(openai_api.chunk(greq, req.model, {"content": delta.text}, created=created))
+                        for event in pieces(channels.feed(delta.text)):
+                            yield event
+                for event in pieces(channels.finish()):
+                    yield event
                 result = handle.result
                 assert result is not None
                 self._log_result(greq, result, "chat.completions(stream)")
                 finish = "length" if result.finish_reason == "length" else "stop"
-                yield sse(openai_api.chunk(greq, req.model, {}, finish, created=created))
+                # The finish chunk carries what only the whole answer shows: boxes, whether a thought closed.
+                extra = answer.answer_of(greq, result).openai_message_fields()
+                extra.pop("reasoning_content", None)
+                yield sse(openai_api.chunk(greq, req.model, extra, finish, created=created))
                 if include_usage:
                     last = openai_api.chunk(greq, req.model, {}, created=created)
                     last["choices"] = []

@@ -13,7 +13,7 @@ from medgemma.config import Settings
 from medgemma.loader import LoadedModel
 from medgemma.schemas import GenerateRequest, GenerationParameters
 
-_IMAGE_FIELDS = {"image", "images", "image_dicom", "image_previews", "window", "dicom_frames"}
+_IMAGE_FIELDS = {"image", "images", "image_dicom", "image_previews", "window", "dicom_frames", "pad_to_square"}
 _FORMAT_FIELDS = {"text", "messages"}
 
 
@@ -45,6 +45,7 @@ def describe(loaded: LoadedModel, settings: Settings) -> dict[str, Any]:
         "vocab_size": getattr(text_cfg, "vocab_size", None),
         "max_new_tokens": settings.max_new_tokens_cap,
         "max_text_chars": settings.max_text_chars,
+        "max_constraint_bytes": settings.max_constraint_bytes,
     }
     if vision_cfg is not None:
         limits.update(
@@ -77,6 +78,12 @@ def describe(loaded: LoadedModel, settings: Settings) -> dict[str, Any]:
         "defaults": {
             "max_new_tokens": settings.default_max_new_tokens,
             "do_sample": False,
+        },
+        # Constrained decoding (response_format, structured_outputs): what each kind takes.
+        "structured_outputs": {
+            "response_format": ["text", "json_object", "json_schema"],
+            "structured_outputs": ["regex", "choice", "grammar"],
+            "grammar_syntax": "llguidance Lark (https://github.com/guidance-ai/llguidance/blob/main/docs/syntax.md)",
         },
         "model_generation_config": {
             k: getattr(gen, k, None) for k in ("do_sample", "temperature", "top_p", "top_k", "eos_token_id")

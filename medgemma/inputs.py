@@ -8,17 +8,19 @@ is ordered by slice and labelled "SLICE n", as Google's CT notebook does.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
 
-from medgemma import imaging, sources
+from medgemma import boxes, imaging, sources
 from medgemma.config import Settings
 from medgemma.errors import BadRequest, NotFound, PayloadTooLarge
-from medgemma.protocol import GenerationRequest, ImagePart, Message, Part, SamplingParams, TextPart
+from medgemma.protocol import ConstraintSpec, GenerationRequest, ImagePart, Message, Part, SamplingParams, TextPart
 from medgemma.schemas import (
+    AnswerOptions,
     ChatMessage,
     DicomSource,
     GenerateRequest,
@@ -40,7 +42,12 @@ class UploadedImage:
 
 
 def image_options(
-    settings: Settings, window: Any = None, frames: str | None = None, seed: int | None = None
+    settings: Settings,
+    window: Any = None,
+    frames: str | None = None,
+    seed: int | None = None,
+    *,
+    pad_to_square: bool = False,
 ) -> ImageOptions:
     return ImageOptions(
         window=imaging.Window(center=window.center, width=window.width) if window is not None else None,
@@ -53,6 +60,7 @@ def image_options(
         max_images=settings.max_images,
         settings=settings,
         seed=seed or 0,
+        pad_to_square=pad_to_square,
     )
 
 
@@ -94,6 +102,8 @@ def decode_image(value: Any, options: ImageOptions, *, param: str) -> list[Image
             param=param,
         )
     options.count(len(prepared), param)
+    if options.pad_to_square:
+        return [_padded(p.image, p.info) for p in prepared]
     return [ImagePart(image=p.image, info=p.info) for p in prepared]
 
 
@@ -129,6 +139,67 @@ def dicom_source(spec: DicomSource, options: ImageOptions, *, param: str) -> lis
     return sources.from_dicomweb(spec.dicom_source, credential or None, options, param)
 
 
+def _padded(image: Image.Image, info: dict[str, Any]) -> ImagePart:
+    square, record = boxes.pad_to_square(image)
+    return ImagePart(image=square, info={**info, "padded_to_square": record})
+
+
+def answer_options(opts: AnswerOptions, settings: Settings, request: GenerationRequest) -> GenerationRequest:
+    """Apply what both APIs accept about the answer's shape to an internal request."""
+    request.constraint = constraint_spec(opts, settings)
+    request.pad_to_square = opts.pad_to_square
+    return request
+
+
+def constraint_spec(opts: AnswerOptions, settings: Settings) -> ConstraintSpec | None:
+    """``response_format`` / ``structured_outputs`` → what the answer must match, checked for size and, for JSON
+    schemas, against the JSON Schema meta-schema (what the grammar library refuses is found at compile time)."""
+    limit = settings.max_constraint_bytes
+    fmt, extra = opts.response_format, opts.structured_outputs
+    if fmt is not None and fmt.type == "json_object":
+        return ConstraintSpec("json_object", '{"type":"object"}', "response_format")
+    if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is not None:
+        param = "response_format.json_schema.schema"
+        schema = fmt.json_schema.schema_
+        # Key order kept: the model writes properties in the order the schema lists them.
+        source = _bounded(json.dumps(schema, separators=(",", ":")), param, limit)
+        _check_json_schema(schema, param)
+        return ConstraintSpec("json_schema", source, param)
+    if extra is None:
+        return None
+    if extra.regex is not None:
+        param = "structured_outputs.regex"
+        return ConstraintSpec("regex", _bounded(extra.regex, param, limit), param)
+    if extra.grammar is not None:
+        param = "structured_outputs.grammar"
+        return ConstraintSpec("grammar", _bounded(extra.grammar, param, limit), param)
+    choices = json.dumps(extra.choice, ensure_ascii=False)
+    return ConstraintSpec("choice", _bounded(choices, "structured_outputs.choice", limit), "structured_outputs.choice")
+
+
+def _bounded(text: str, param: str, limit: int) -> str:
+    size = len(text.encode())
+    if size > limit:
+        raise BadRequest(
+            f"{param} is {size} bytes (as compact JSON), above this server's limit of {limit} bytes "
+            "(MEDGEMMA_MAX_CONSTRAINT_BYTES)",
+            param=param,
+        )
+    return text
+
+
+def _check_json_schema(schema: dict[str, Any], param: str) -> None:
+    from jsonschema import SchemaError
+    from jsonschema.validators import validator_for
+
+    try:
+        validator_for(schema).check_schema(schema)
+    except SchemaError as exc:
+        where = "/".join(str(p) for p in exc.path)
+        at = f" (at {where})" if where else ""
+        raise BadRequest(f"{param} is not a valid JSON Schema: {exc.message[:300]}{at}", param=param) from None
+
+
 def sampling_params(p: GenerationParameters, settings: Settings, stop: Sequence[str] = ()) -> SamplingParams:
     max_new = p.max_new_tokens if p.max_new_tokens is not None else settings.default_max_new_tokens
     if max_new > settings.max_new_tokens_cap:
@@ -153,7 +224,7 @@ def from_seed(
 ) -> GenerationRequest:
     """Seed API request (simple or chat format) → internal request."""
     check_adapter(req.adapter, settings, param="adapter")
-    options = image_options(settings, req.window, req.dicom_frames, req.seed)
+    options = image_options(settings, req.window, req.dicom_frames, req.seed, pad_to_square=req.pad_to_square)
     params = sampling_params(req, settings)
     if req.messages is not None:
         messages = [_chat_message(m, i, options) for i, m in enumerate(req.messages)]
@@ -172,7 +243,7 @@ def from_seed(
         if req.system is not None:
             messages.append(Message("system", (TextPart(req.system),)))
         messages.append(Message("user", tuple(user_parts)))
-    return build_request(
+    greq = build_request(
         messages,
         params,
         settings,
@@ -182,6 +253,8 @@ def from_seed(
         image_sources=options.sources,
         image_previews=req.image_previews,
     )
+    greq.include_thinking = req.include_thinking
+    return answer_options(req, settings, greq)
 
 
 def check_adapter(name: str | None, settings: Settings, *, param: str) -> None:

@@ -3,8 +3,10 @@
 The request converts into the same internal request as the seed API (``medgemma.inputs.build_request``), so roles,
 images, limits and sampling rules are checked once. Same extra-field policy as the seed schemas: unknown fields are
 a 400 naming them. OpenAI fields this server does not implement are declared and accepted only at their neutral
-value (``n=1``, ``frequency_penalty=0``, ``logprobs=false``, ``response_format={"type":"text"}``), so a client that
-sends them explicitly at their defaults still works, and one that relies on them is told instead of ignored.
+value (``n=1``, ``frequency_penalty=0``, ``logprobs=false``), so a client that sends them explicitly at their
+defaults still works, and one that relies on them is told instead of ignored. ``response_format`` (``json_object``,
+``json_schema``) constrains decoding (``medgemma.structured``); a thought the model writes comes back as
+``reasoning_content``, as vLLM names it (``include_reasoning: false`` drops it).
 
 Deviations, on purpose: without ``max_tokens``/``max_completion_tokens`` the server default (200, like the seed)
 applies rather than "until the context is full"; without ``temperature`` decoding is greedy (the seed's default),
@@ -21,11 +23,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from medgemma import inputs
+from medgemma import answer, inputs
 from medgemma.config import Settings
 from medgemma.errors import BadRequest, NotFound, PayloadTooLarge
 from medgemma.protocol import GenerationRequest, GenerationResult, Message, Part, TextPart
-from medgemma.schemas import APIModel, GenerationParameters, ImageDicomContent
+from medgemma.schemas import AnswerOptions, APIModel, GenerationParameters, ImageDicomContent
 
 
 class OAIImageURL(APIModel):
@@ -56,11 +58,7 @@ class StreamOptions(APIModel):
     include_usage: bool = False
 
 
-class ResponseFormat(APIModel):
-    type: Literal["text"]
-
-
-class ChatCompletionRequest(APIModel):
+class ChatCompletionRequest(AnswerOptions):
     model: str
     messages: list[OAIMessage]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -81,7 +79,7 @@ class ChatCompletionRequest(APIModel):
     frequency_penalty: Literal[0] | None = None
     presence_penalty: Literal[0] | None = None
     logprobs: Literal[False] | None = None
-    response_format: ResponseFormat | None = None
+    include_reasoning: bool = True  # vLLM's name: false leaves a thought out of the response
     user: str | None = None  # an end-user id for abuse tracking upstream; never logged here
 
     @model_validator(mode="after")
@@ -143,7 +141,7 @@ def to_generation_request(
     item: Callable[[Any, Settings, str], tuple[Any, str]] = part_item,
 ) -> GenerationRequest:
     """The request as the one internal request; ``item`` maps a content part (Google's format has more kinds)."""
-    options = inputs.image_options(settings, seed=req.seed)
+    options = inputs.image_options(settings, seed=req.seed, pad_to_square=req.pad_to_square)
     messages: list[Message] = []
     for i, m in enumerate(req.messages):
         if m.name is not None:  # Gemma's chat format has no participant names: refuse rather than drop it
@@ -161,7 +159,7 @@ def to_generation_request(
         messages.append(Message(role, tuple(parts)))  # type: ignore[arg-type]
     params = inputs.sampling_params(req.parameters(), settings, stop=req.stop_list())
     adapter = adapter_of(req.model, settings)
-    return inputs.build_request(
+    greq = inputs.build_request(
         messages,
         params,
         settings,
@@ -170,6 +168,8 @@ def to_generation_request(
         adapter=adapter,
         image_sources=options.sources,
     )
+    greq.include_thinking = req.include_reasoning
+    return inputs.answer_options(req, settings, greq)
 
 
 def image_value(url: str, settings: Settings, param: str, credential: str | None = None) -> Any:
@@ -228,6 +228,7 @@ def usage(result: GenerationResult) -> dict[str, int]:
 
 
 def completion(req: GenerationRequest, result: GenerationResult, model: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    shaped = answer.answer_of(req, result)
     return {
         "id": f"chatcmpl-{req.request_id}",
         "object": "chat.completion",
@@ -236,7 +237,7 @@ def completion(req: GenerationRequest, result: GenerationResult, model: str, met
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": result.text},
+                "message": {"role": "assistant", "content": shaped.text, **shaped.openai_message_fields()},
                 "finish_reason": _finish(result),
                 "logprobs": None,
             }

@@ -101,6 +101,21 @@ class SamplingParams:
         }
 
 
+ConstraintKind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
+
+
+@dataclass(frozen=True)
+class ConstraintSpec:
+    """What the answer must match (``medgemma.structured`` compiles it).
+
+    ``source`` is the canonical text: the schema as compact JSON (key order kept), the regex, the choices as a JSON
+    list, or the Lark grammar; ``param`` is the request field, for error messages."""
+
+    kind: ConstraintKind
+    source: str
+    param: str
+
+
 @dataclass
 class GenerationRequest:
     messages: list[Message]
@@ -111,6 +126,9 @@ class GenerationRequest:
     # and whether the caller asked to see the images the model was given.
     image_sources: list[dict[str, Any]] = field(default_factory=list)
     image_previews: bool = False
+    constraint: ConstraintSpec | None = None
+    include_thinking: bool = True  # False: a thought the model writes is removed from the response
+    pad_to_square: bool = False  # images were zero-padded to square (their info says how); boxes map back
 
     @property
     def images(self) -> list[ImagePart]:

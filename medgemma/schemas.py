@@ -108,7 +108,63 @@ class GenerationParameters(APIModel):
         return self
 
 
-class GenerateRequest(GenerationParameters):
+class JSONSchemaFormat(APIModel):
+    """OpenAI's ``response_format.json_schema``: the schema the answer must validate against."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")  # `schema` would shadow a pydantic method
+    strict: bool | None = None  # the schema is always enforced; `false` is accepted and changes nothing
+
+
+class ResponseFormat(APIModel):
+    """OpenAI's ``response_format``, on both APIs: plain text, any JSON object, or JSON valid for a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a json_schema object with name and schema")
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise ValueError(f"json_schema only goes with type json_schema, not {self.type}")
+        return self
+
+
+class StructuredOutputs(APIModel):
+    """Constraints beyond OpenAI's, under vLLM's ``structured_outputs`` names: exactly one of them."""
+
+    regex: Annotated[str, Field(min_length=1)] | None = None
+    choice: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1024)] | None = None
+    grammar: Annotated[str, Field(min_length=1)] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputs:
+        given = [n for n in ("regex", "choice", "grammar") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of regex, choice or grammar")
+        return self
+
+
+class AnswerOptions(APIModel):
+    """What both APIs accept about the shape of the answer (constraints, thinking, localization)."""
+
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    pad_to_square: bool = False  # zero-pad images to square as the localization notebook does; boxes map back
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> AnswerOptions:
+        fmt = self.response_format
+        if self.structured_outputs is not None and fmt is not None and fmt.type != "text":
+            raise ValueError(
+                f"response_format {fmt.type} and structured_outputs both constrain the answer; send one of them"
+            )
+        return self
+
+
+class GenerateRequest(AnswerOptions, GenerationParameters):
     """Simple format (`text`, `system`, `image`/`images`) or chat format (`messages`); never both."""
 
     text: str | None = None
@@ -120,6 +176,7 @@ class GenerateRequest(GenerationParameters):
     window: WindowSpec | None = None
     dicom_frames: Literal["middle", "first", "all"] | None = None
     image_previews: bool = False  # add a small JPEG of every image the model was given (the playground shows them)
+    include_thinking: bool = True  # false: a thought the model writes is left out of the response
     stream: bool = False
     adapter: Annotated[str, Field(min_length=1, max_length=200)] | None = None  # a LoRA adapter's name
 

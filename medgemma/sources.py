@@ -44,6 +44,7 @@ class ImageOptions:
     settings: Settings = field(default_factory=Settings)
     seed: int = 0  # the request's seed: which slide patches are sampled
     sources: list[dict[str, Any]] = field(default_factory=list)
+    pad_to_square: bool = False  # zero-pad decoded images to square (localization answers map back through it)
     _budget: dicomweb.ByteBudget | None = None
 
     def count(self, n: int, param: str) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from medgemma import structured
 from medgemma.chat_template import CHAT_TEMPLATE
 from medgemma.errors import BadRequest
 from medgemma.loader import LoadedModel
@@ -26,6 +27,7 @@ class PreparedRequest:
     pixel_values: torch.Tensor | None  # (n_images, 3, H, W)
     params: SamplingParams
     adapter_index: int = -1  # the LoRA adapter's slot (medgemma.lora), -1 = the base model
+    constraint: structured.RowConstraint | None = None  # compiled here, off the engine thread (medgemma.structured)
 
     @property
     def n_input(self) -> int:
@@ -45,7 +47,9 @@ class PreparedRequest:
 class Preparer:
     """Turns a ``GenerationRequest`` into a ``PreparedRequest`` for one loaded model."""
 
-    def __init__(self, loaded: LoadedModel, *, context_length: int | None) -> None:
+    def __init__(
+        self, loaded: LoadedModel, *, context_length: int | None, grammars: structured.GrammarCompiler | None = None
+    ) -> None:
         self.loaded = loaded
         self.processor = loaded.processor
         self.tokenizer = loaded.tokenizer
@@ -54,6 +58,7 @@ class Preparer:
         has_template = getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
         self.chat_template: str | None = None if has_template else CHAT_TEMPLATE
         self.reserved_tokens = reserved_tokens(self.processor, self.tokenizer)
+        self.grammars = grammars
 
     def prepare(self, req: GenerationRequest) -> PreparedRequest:
         """Raises BadRequest for prompts the model cannot take."""
@@ -97,6 +102,9 @@ class Preparer:
             token_type_ids=tti[0] if tti is not None and images else None,
             pixel_values=enc.get("pixel_values") if images else None,
             params=req.params,
+            constraint=self.grammars.compile(req.constraint)
+            if self.grammars is not None and req.constraint is not None
+            else None,
         )
 
     def _check_reserved_tokens(self, req: GenerationRequest) -> None:
@@ -146,3 +154,32 @@ def public(exc: BaseException) -> str:
     """First line of an exception, short: what a client may be told about a template or processor refusal."""
     msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return msg[:300]
+
+
+# --- what the engine reads off the loaded model ---------------------------------------------------------------------
+
+
+def as_list(x: Any) -> list[int]:
+    if x is None:
+        return []
+    return [int(v) for v in x] if isinstance(x, list | tuple) else [int(x)]
+
+
+def eos_ids(loaded: LoadedModel) -> list[int]:
+    ids = as_list(getattr(loaded.generation_config, "eos_token_id", None))
+    if not ids:
+        text = loaded.config.get_text_config() if hasattr(loaded.config, "get_text_config") else loaded.config
+        ids = as_list(getattr(text, "eos_token_id", None))
+    if loaded.tokenizer.eos_token_id is not None:
+        ids.append(int(loaded.tokenizer.eos_token_id))
+    return ids
+
+
+def vocab_size(config: Any) -> int:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text.vocab_size)
+
+
+def context_length(config: Any) -> int | None:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "max_position_embeddings", None)

@@ -33,12 +33,13 @@ from typing import Any
 
 import torch
 
+from medgemma import reasoning, structured
 from medgemma.engine import attention
 from medgemma.engine.attention import Chunk
 from medgemma.engine.costs import DecodeCost, default_kv_budget
 from medgemma.engine.handle import RequestHandle
 from medgemma.engine.kv_cache import KVLayout, PagedKVCache, RowKV
-from medgemma.engine.prepare import PreparedRequest, Preparer
+from medgemma.engine.prepare import PreparedRequest, Preparer, context_length, eos_ids, vocab_size
 from medgemma.engine.sampling import SampleInput, make_generator, sample
 from medgemma.engine.text import TextOut
 from medgemma.errors import BadRequest, EngineUnavailable, InternalError, Overloaded, ServiceError
@@ -119,9 +120,15 @@ class Engine:
         self.on_finish = on_finish
         self.on_stats = on_stats
         self.lora = lora
-        self.eos_ids = set(_eos_ids(loaded))
-        self.context_length = _context_length(loaded.config)
-        self.preparer = Preparer(loaded, context_length=self.context_length)
+        self.eos_ids = set(eos_ids(loaded))
+        self.context_length = context_length(loaded.config)
+        # Constrained decoding compiles per request at prepare time and masks per row before sampling; text keeps
+        # the thinking tags even where a tokenizer marks them special (the core splits the thought off).
+        self.grammars = structured.GrammarCompiler(
+            self.tokenizer, vocab_size=vocab_size(loaded.config), eos_ids=sorted(self.eos_ids)
+        )
+        self._decode = reasoning.tag_preserving_decoder(self.tokenizer)
+        self.preparer = Preparer(loaded, context_length=self.context_length, grammars=self.grammars)
         attention.install(self.model)
         layout = KVLayout.from_model(self.model)
         self.kv = PagedKVCache(
@@ -411,9 +418,20 @@ class Engine:
                     row.prepared.pixel_values = None  # the prompt is read: free the image tensors
         if not choosing:
             return
+        logits = logits[: len(choosing)]
+        constraints = [r.prepared.constraint for r in choosing]
+        if any(c is not None for c in constraints):
+            try:  # each constrained row's grammar masks its own logits row only
+                structured.apply_token_masks(self.grammars, constraints, logits)
+            except Exception as exc:  # a grammar failure fails the constrained rows, not their neighbours
+                keep = [i for i, c in enumerate(constraints) if c is None]
+                for i, c in enumerate(constraints):
+                    if c is not None:
+                        self._fail(choosing[i], _as_service_error(exc))
+                choosing, logits = [choosing[i] for i in keep], logits[keep]
         ids = [r.handle.request_id for r in choosing]
         check = (lambda i: self.fault_injector("sample", [ids[i]])) if self.fault_injector else None  # type: ignore[misc]
-        tokens = sample([r.sample_input() for r in choosing], logits[: len(choosing)], check=check)
+        tokens = sample([r.sample_input() for r in choosing], logits, check=check)
         now = time.perf_counter()
         for row, tok in zip(choosing, tokens, strict=True):
             if isinstance(tok, BaseException):
@@ -426,6 +444,15 @@ class Engine:
                 row.finish = "stop"
             else:
                 row.generated.append(tok)
+                constraint = row.prepared.constraint
+                if constraint is not None:  # a complete answer ends the row
+                    try:
+                        constraint.accept(tok)
+                    except Exception as exc:
+                        self._fail(row, _as_service_error(exc))
+                        continue
+                    if constraint.is_terminated():
+                        row.finish = "stop"
                 if row.handle.streaming or row.params.stop:  # a plain request is decoded once, at the end
                     row.text.feed(row.generated)
                     if row.text.stopped:
@@ -434,9 +461,6 @@ class Engine:
                     row.finish = "length"
             if row.finish is not None or row.handle.cancelled.is_set():
                 self._complete(row)
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     # -- leaving the batch
     def _leave(self, row: _Row) -> None:
@@ -486,27 +510,6 @@ class Engine:
 
 def _longest(spans: list[tuple[int, int]]) -> int:
     return max((e - s for s, e in spans), default=0)
-
-
-def _as_list(x: Any) -> list[int]:
-    if x is None:
-        return []
-    return [int(v) for v in x] if isinstance(x, list | tuple) else [int(x)]
-
-
-def _eos_ids(loaded: LoadedModel) -> list[int]:
-    ids = _as_list(getattr(loaded.generation_config, "eos_token_id", None))
-    if not ids:
-        text = loaded.config.get_text_config() if hasattr(loaded.config, "get_text_config") else loaded.config
-        ids = _as_list(getattr(text, "eos_token_id", None))
-    if loaded.tokenizer.eos_token_id is not None:
-        ids.append(int(loaded.tokenizer.eos_token_id))
-    return ids
-
-
-def _context_length(config: Any) -> int | None:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(text, "max_position_embeddings", None)
 
 
 def _is_oom(exc: BaseException) -> bool:

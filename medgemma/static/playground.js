@@ -17,6 +17,17 @@
     givenSummary: $("given-summary"), given: $("given"),
     modelDevice: $("model-device"), loadBox: $("load-box"), loadProgress: $("load-progress"),
     loadText: $("load-text"), loadError: $("load-error"), demo: $("demo-warning"),
+    format: $("format"), constraint: $("constraint"), thinkingOn: $("thinking-on"), padSquare: $("pad-square"),
+    thinkingBox: $("thinking-box"), thinkingSummary: $("thinking-summary"), thinking: $("thinking"),
+    structuredBox: $("structured-box"), structuredRows: $("structured-rows"), boxesBox: $("boxes-box"),
+    boxesNote: $("boxes-note"), boxesFigure: $("boxes-figure"), boxesImage: $("boxes-image"),
+  };
+  let sentImage = null; // data URL of the PNG/JPEG sent with the last request: boxes are drawn on it
+  const PLACEHOLDERS = {
+    json_schema: '{"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"]}',
+    choice: "yes\nno",
+    regex: "(yes|no)",
+    grammar: 'start: "yes" | "no"',
   };
   el.answer.dataset.deltas = "0";
   $("api-base").textContent = `${API}/`;
@@ -166,12 +177,47 @@
   }
 
   // -- generation ------------------------------------------------------------------------------------------------
+  function answerShape() {
+    const kind = el.format.value;
+    const value = el.constraint.value;
+    if (kind === "json_object") return { response_format: { type: "json_object" } };
+    if (kind === "json_schema") {
+      let schema;
+      try {
+        schema = JSON.parse(value);
+      } catch (e) {
+        throw new Error(`The schema is not valid JSON: ${e.message}`);
+      }
+      return { response_format: { type: "json_schema", json_schema: { name: "playground", schema } } };
+    }
+    if (kind === "choice") {
+      return { structured_outputs: { choice: value.split("\n").map((s) => s.trim()).filter(Boolean) } };
+    }
+    if (kind === "regex" || kind === "grammar") return { structured_outputs: { [kind]: value } };
+    return {};
+  }
+
+  function showFormat() {
+    const kind = el.format.value;
+    el.constraint.hidden = !(kind in PLACEHOLDERS);
+    el.constraint.required = !el.constraint.hidden;
+    el.constraint.placeholder = PLACEHOLDERS[kind] || "";
+  }
+
   async function buildPayload() {
     const payload = { text: el.question.value, max_new_tokens: Number(el.maxTokens.value), stream: true };
     if (el.system.value.trim()) payload.system = el.system.value;
     const temperature = Number(el.temperature.value || 0);
     if (temperature > 0) payload.temperature = temperature; // the server turns sampling on
-    if (el.file.files[0]) payload.image = await readImage(el.file.files[0]);
+    Object.assign(payload, answerShape());
+    if (!el.thinkingOn.checked) payload.include_thinking = false;
+    sentImage = null;
+    const file = el.file.files[0];
+    if (file) {
+      payload.image = await readImage(file);
+      if (el.padSquare.checked) payload.pad_to_square = true;
+      if (["image/png", "image/jpeg"].includes(mimeFor(file))) sentImage = payload.image;
+    }
     const url = el.dicomUrl.value.trim();
     if (url) {
       payload.image_dicom = { dicom_source: url };
@@ -202,6 +248,14 @@
     el.given.replaceChildren();
     el.givenSummary.replaceChildren();
     el.metricsBox.hidden = el.imagesBox.hidden = el.rawBox.hidden = el.givenBox.hidden = true;
+    el.thinking.textContent = "";
+    el.thinkingSummary.textContent = "Thinking";
+    el.thinkingBox.hidden = el.structuredBox.hidden = el.boxesBox.hidden = true;
+    el.thinkingBox.open = false; // folded: the answer comes first
+    el.structuredRows.replaceChildren();
+    el.boxesFigure.querySelectorAll(".box").forEach((b) => b.remove());
+    el.boxesImage.removeAttribute("src");
+    el.boxesNote.textContent = "";
   }
 
   let controller = null;
@@ -276,6 +330,10 @@
         if (!data) continue;
         const event = JSON.parse(data);
         if (event.status === "streaming") {
+          if (event.thinking_delta) {
+            el.thinking.textContent += event.thinking_delta;
+            el.thinkingBox.hidden = false;
+          }
           text += event.delta || "";
           deltas += 1;
           el.answer.textContent = text;
@@ -297,6 +355,9 @@
     renderMetrics(event.compute_metrics || {});
     renderImages(event.images || []);
     renderGiven(event.images || [], event.image_sources || []);
+    renderThinking(event);
+    renderStructured(el.answer.textContent);
+    renderBoxes(event);
     el.raw.textContent = JSON.stringify(event, (key, value) => (key === "preview" ? "(image)" : value), 2);
     el.rawBox.hidden = false;
     const finish = event.finish_reason ? ` Finish reason: ${event.finish_reason}.` : "";
@@ -403,10 +464,87 @@
     el.givenBox.hidden = !shown.length && !sources.length;
   }
 
+  function renderThinking(event) {
+    if (typeof event.thinking !== "string") return;
+    el.thinking.textContent = event.thinking;
+    el.thinkingSummary.textContent = event.thinking_complete === false
+      ? "Thinking (unfinished: the answer ran out of tokens inside it)" : "Thinking";
+    el.thinkingBox.hidden = false;
+  }
+
+  // A JSON answer as rows of (field path, value), nested objects and arrays flattened: `location.side`, `items[0]`.
+  function flatten(value, path, rows) {
+    if (value !== null && typeof value === "object") {
+      const entries = Array.isArray(value) ? value.map((v, i) => [`${path}[${i}]`, v])
+        : Object.entries(value).map(([k, v]) => [path ? `${path}.${k}` : k, v]);
+      if (!entries.length) rows.push([path || "(root)", Array.isArray(value) ? "[]" : "{}"]);
+      for (const [p, v] of entries) flatten(v, p, rows);
+    } else {
+      rows.push([path || "(root)", typeof value === "string" ? value : JSON.stringify(value)]);
+    }
+    return rows;
+  }
+
+  function renderStructured(text) {
+    let value;
+    try {
+      value = JSON.parse(text);
+    } catch {
+      return; // not JSON: the answer stays as text
+    }
+    if (value === null || typeof value !== "object") return;
+    for (const [path, shown] of flatten(value, "", [])) {
+      const tr = document.createElement("tr");
+      const th = document.createElement("th");
+      const td = document.createElement("td");
+      th.scope = "row";
+      th.textContent = path;
+      td.textContent = shown;
+      tr.append(th, td);
+      el.structuredRows.append(tr);
+    }
+    el.structuredBox.hidden = false;
+  }
+
+  function renderBoxes(event) {
+    if (!Array.isArray(event.boxes)) return;
+    el.boxesBox.hidden = false;
+    const size = (event.images && event.images[0] && event.images[0].size) || null;
+    const notes = [];
+    if (event.boxes_note) notes.push(event.boxes_note);
+    if (!event.boxes.length && !event.boxes_note) notes.push("The answer holds no boxes.");
+    if (event.boxes.length && (!sentImage || !size)) notes.push("Boxes are drawn on PNG and JPEG images only.");
+    el.boxesNote.textContent = notes.join(" ");
+    if (!sentImage || !size) {
+      el.boxesFigure.hidden = true;
+      return;
+    }
+    el.boxesFigure.hidden = false;
+    el.boxesImage.src = sentImage; // the image as sent (unpadded): boxes are in its pixels
+    const [w, h] = size;
+    event.boxes.forEach((b, i) => {
+      // Percentages of the original size, so the boxes follow the image at any displayed size.
+      const div = document.createElement("div");
+      div.className = "box";
+      div.dataset.index = String(i);
+      div.style.left = `${(b.x / w) * 100}%`;
+      div.style.top = `${(b.y / h) * 100}%`;
+      div.style.width = `${(b.width / w) * 100}%`;
+      div.style.height = `${(b.height / h) * 100}%`;
+      const label = document.createElement("span");
+      label.className = "box-label";
+      label.textContent = b.label ?? `box ${i + 1}`;
+      div.append(label);
+      el.boxesFigure.append(div);
+    });
+  }
+
   // -- wiring ----------------------------------------------------------------------------------------------------
   el.form.addEventListener("submit", onSubmit);
   el.stop.addEventListener("click", () => controller?.abort());
   el.file.addEventListener("change", showFile);
+  el.format.addEventListener("change", showFormat);
+  showFormat();
   el.clearImage.addEventListener("click", () => {
     el.file.value = "";
     showFile();

@@ -342,3 +342,115 @@ def test_failed_load_shows_stored_error(browser, tmp_path: Path) -> None:
         wait(driver, lambda d: by_id(d, "error").is_displayed(), 30, "no error shown")
         assert "503" in text_of(driver, "error")
         driver.save_screenshot(str(tmp_path / "playground-failed.png"))
+
+
+# -- answers software can use: thinking folded apart, structured table, boxes drawn on the image -----------------------
+
+BOX_GRAMMAR = (
+    'start: <unused94> "thought\\n" /[a-z ]{4,24}/ <unused95> '
+    '"[{\\"box_2d\\": [250, 100, 500, 600], \\"label\\": \\"" /[a-z]{3,8}/ "\\"}]"'
+)
+
+
+def choose_shape(driver, kind: str, value: str) -> None:
+    from selenium.webdriver.support.ui import Select
+
+    Select(by_id(driver, "format")).select_by_value(kind)
+    area = by_id(driver, "constraint")
+    assert area.is_displayed()
+    area.send_keys(value)
+
+
+@pytest.mark.browser
+def test_thinking_folded_and_boxes_drawn_where_the_arithmetic_says(
+    browser, server: Server, app_name: str, tmp_path: Path
+) -> None:
+    driver = browser
+    open_page(driver, server, app_name)
+    png = tmp_path / "wide.png"
+    Image.new("RGB", (160, 80), (90, 160, 220)).save(png, format="PNG")  # padded to 160x160: 40 rows on top
+    choose_shape(driver, "grammar", BOX_GRAMMAR)
+    by_id(driver, "pad-square").click()
+    fill_and_submit(driver, question="Where is the nodule?", image=png, token=TOKEN, max_tokens=120)
+    final = final_event(driver)
+    assert final["finish_reason"] == "stop"
+
+    # The thought: apart from the answer, folded, no tags anywhere.
+    box = by_id(driver, "thinking-box")
+    assert box.is_displayed() and box.get_attribute("open") is None
+    assert text_of(driver, "thinking") == final["thinking"] and 4 <= len(final["thinking"]) <= 24
+    assert "<unused" not in text_of(driver, "answer") and text_of(driver, "answer") == final["response"]
+
+    # Arithmetic: box_2d [y0, x0, y1, x1] = [250, 100, 500, 600] of the 160x160 padded square, top offset 40.
+    (b,) = final["boxes"]
+    assert (b["x"], b["y"], b["width"], b["height"]) == (16.0, 0.0, 80.0, 40.0)
+    assert final["images"][0]["padded_to_square"] == {"size": 160, "left": 0, "top": 40}
+
+    # Drawn on the image sent, where those pixels are at the size it is displayed.
+    wait(driver, lambda d: d.execute_script("return document.getElementById('boxes-image').complete"), 10)
+    img = driver.execute_script("return document.getElementById('boxes-image').getBoundingClientRect().toJSON()")
+    drawn = driver.execute_script(
+        "return document.querySelector('#boxes-figure .box').getBoundingClientRect().toJSON()"
+    )
+    scale_x, scale_y = img["width"] / 160, img["height"] / 80
+    assert img["width"] > 100  # really displayed
+    assert abs(drawn["left"] - (img["left"] + 16 * scale_x)) < 1.5
+    assert abs(drawn["top"] - (img["top"] + 0 * scale_y)) < 1.5
+    assert abs(drawn["width"] - 80 * scale_x) < 1.5
+    assert abs(drawn["height"] - 40 * scale_y) < 1.5
+    label = driver.find_element("css selector", "#boxes-figure .box .box-label")
+    assert label.get_property("textContent") == b["label"]
+    driver.save_screenshot(str(tmp_path / "playground-boxes.png"))
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    driver.save_screenshot(str(ARTIFACTS / "playground-boxes.png"))
+    assert console_errors(driver) == []
+
+
+@pytest.mark.browser
+def test_structured_answer_as_a_table_beside_its_json(browser, server: Server, app_name: str) -> None:
+    driver = browser
+    open_page(driver, server, app_name)
+    schema = {
+        "type": "object",
+        "properties": {
+            "severity": {"enum": ["mild", "severe"]},
+            "location": {
+                "type": "object",
+                "properties": {"side": {"enum": ["left", "right"]}},
+                "required": ["side"],
+                "additionalProperties": False,
+            },
+            "sizes_mm": {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 9}, "minItems": 2,
+                         "maxItems": 2},
+        },
+        "required": ["severity", "location", "sizes_mm"],
+        "additionalProperties": False,
+    }  # fmt: skip
+    choose_shape(driver, "json_schema", json.dumps(schema))
+    by_id(driver, "thinking-on").click()  # the drop option: no thought in the response
+    fill_and_submit(driver, question="Report as JSON.", image=None, token=TOKEN, max_tokens=200)
+    final = final_event(driver)
+    value = json.loads(final["response"])
+    assert set(value) == {"severity", "location", "sizes_mm"} and "thinking" not in final
+    assert by_id(driver, "structured-box").is_displayed() and by_id(driver, "answer").is_displayed()
+    rows = driver.find_elements("css selector", "#structured-rows tr")
+    shown = {r.find_element("css selector", "th").text: r.find_element("css selector", "td").text for r in rows}
+    assert shown == {
+        "severity": value["severity"],
+        "location.side": value["location"]["side"],
+        "sizes_mm[0]": str(value["sizes_mm"][0]),
+        "sizes_mm[1]": str(value["sizes_mm"][1]),
+    }
+    assert by_id(driver, "thinking-box").get_attribute("hidden") is not None
+    assert console_errors(driver) == []
+
+
+@pytest.mark.browser
+def test_bad_schema_is_refused_before_and_by_the_server(browser, server: Server, app_name: str) -> None:
+    driver = browser
+    open_page(driver, server, app_name)
+    choose_shape(driver, "json_schema", '{"type": "object", "not": {}}')
+    fill_and_submit(driver, question="Report.", image=None, token=TOKEN, max_tokens=20)
+    wait(driver, lambda d: by_id(d, "error").is_displayed(), 30, "no error shown")
+    assert "Unimplemented keys" in text_of(driver, "error") and "400" in text_of(driver, "error")
+    assert all("400" in e["message"] for e in console_errors(driver))

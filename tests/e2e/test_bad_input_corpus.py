@@ -196,6 +196,13 @@ def oai_body(messages: Any = None, **extra: Any) -> Callable[[Srv], dict[str, An
     return lambda s: oai(s, msgs, **extra)
 
 
+def json_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "json_schema", "json_schema": {"name": "report", "schema": schema}}
+
+
+HUGE_SCHEMA = {"type": "object", "properties": {f"field_{i}": {"type": "string"} for i in range(2000)}}
+
+
 def seed(**fields: Any) -> dict[str, Any]:
     return {"text": "q", "max_new_tokens": 2, **fields}
 
@@ -340,6 +347,19 @@ CORPUS: list[Case] = [
     Case("form-missing-boundary", "seed-multipart", Raw(b"garbage", "multipart/form-data"), 400, "boundary"),
     Case("form-garbage-body", "seed-multipart", Raw(b"--b\r\n[]--b--\r\n", "multipart/form-data; boundary=b"), 400,
          "multipart"),
+    Case("seed-json_schema-invalid", "seed", seed(response_format=json_schema({"type": "strin"})), 400, "strin"),
+    Case("seed-json_schema-unsupported-keyword", "seed",
+         seed(response_format=json_schema({"type": "array", "uniqueItems": True})), 400, "uniqueItems"),
+    Case("seed-json_schema-huge", "seed", seed(response_format=json_schema(HUGE_SCHEMA)), 400, "bytes"),
+    Case("seed-json_schema-and-choice", "seed",
+         seed(response_format=json_schema({"type": "object"}), structured_outputs={"choice": ["a"]}), 400,
+         "send one of them"),
+    Case("seed-regex-with-thinking-tag", "seed", seed(structured_outputs={"regex": "<unused95>yes"}), 400,
+         "thinking tags"),
+    Case("seed-structured_outputs-unknown", "seed", seed(structured_outputs={"json": {}}), 400, "json"),
+    Case("seed-pad_to_square-string", "seed", seed(pad_to_square="yes"), 400, "pad_to_square"),
+    Case("text-json_schema-unsupported-keyword", "seed",
+         seed(response_format=json_schema({"type": "object", "not": {}})), 400, "not", server="text"),
     Case("form-unknown-field", "seed-multipart", Form({"text": '"q"', "max_new_tokens": "2", "max_tokens": "5"}),
          400, "max_tokens"),
     # ---- OpenAI API ----
@@ -352,8 +372,24 @@ CORPUS: list[Case] = [
     Case("seed-adapter-empty", "seed", seed(adapter=""), 400, "adapter"),
     Case("oai-logprobs-true", "openai", oai_body(logprobs=True), 400, "logprobs"),
     Case("oai-frequency_penalty", "openai", oai_body(frequency_penalty=0.5), 400, "frequency_penalty"),
-    Case("oai-response_format-json", "openai", oai_body(response_format={"type": "json_object"}), 400,
+    Case("oai-response_format-yaml", "openai", oai_body(response_format={"type": "yaml"}), 400,
          "response_format"),
+    Case("oai-json_schema-missing", "openai", oai_body(response_format={"type": "json_schema"}), 400,
+         "needs a json_schema"),
+    Case("oai-json_schema-invalid", "openai",
+         oai_body(response_format=json_schema({"type": "object", "required": "a"})), 400, "not a valid JSON Schema"),
+    Case("oai-json_schema-unsupported-keyword", "openai",
+         oai_body(response_format=json_schema({"type": "object", "if": {"required": ["a"]}})), 400,
+         "Unimplemented keys"),
+    Case("oai-json_schema-huge", "openai", oai_body(response_format=json_schema(HUGE_SCHEMA)), 400,
+         "MEDGEMMA_MAX_CONSTRAINT_BYTES"),
+    Case("oai-response_format-and-regex", "openai",
+         oai_body(response_format={"type": "json_object"}, structured_outputs={"regex": "yes|no"}), 400,
+         "send one of them"),
+    Case("oai-regex-invalid", "openai", oai_body(structured_outputs={"regex": "(yes|no"}), 400, "regex"),
+    Case("oai-choice-empty", "openai", oai_body(structured_outputs={"choice": []}), 400, "choice"),
+    Case("oai-grammar-invalid", "openai", oai_body(structured_outputs={"grammar": "start: nowhere"}), 400, "nowhere"),
+    Case("oai-include_reasoning-string", "openai", oai_body(include_reasoning="no"), 400, "include_reasoning"),
     Case("oai-unknown-field", "openai", oai_body(best_of=3), 400, "best_of"),
     Case("oai-max_tokens-string", "openai", oai_body(max_tokens="many"), 400, "max_tokens"),
     Case("oai-max_tokens-zero", "openai", oai_body(max_tokens=0), 400, "max_tokens"),

@@ -19,7 +19,6 @@ never a list, and holds no traceback). The server generates at most 8 tokens per
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
 import json
@@ -190,8 +189,16 @@ def fuzz(operation: Any, mode: GenerationMode, record: Recorder) -> int:
     def run(case: Any) -> None:
         record(case, label)
 
-    with contextlib.suppress(Unsatisfiable):  # e.g. no negative data exists for an operation without input
+    try:
         run()
+    except Unsatisfiable:  # e.g. no negative data exists for an operation without input
+        pass
+    except ValueError as exc:
+        # schemathesis' own filter of negative multipart cases can choke on the binary (file) fields it generated
+        # itself, before any request is sent; seen once in a full-suite run of the generate form. Only that
+        # generator error is tolerated: what ran until then was checked, and the count shows how much ran.
+        if "Unsupported type: 'Binary'" not in str(exc):
+            raise
     return record.ran - before
 
 

@@ -28,6 +28,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     )),
     ("foundation: the internal request/result types and the errors", ("__init__", "errors", "protocol")),
     ("settings", ("config",)),
+    ("answers: constrained decoding, thinking traces, boxes (no web framework)", (
+        "reasoning", "boxes", "structured", "answer",
+    )),
     ("request schemas, images and image sources (no web framework)", (
         "schemas", "pixels", "dicom_tags", "dicom", "imaging", "volume", "wsi", "dicomweb", "sources",
     )),
