@@ -121,7 +121,7 @@ def main() -> int:
         )
         server.start()
         try:
-            server.wait_ready()
+            server.wait_model()
             url = f"{server.url}/{server.app}/v1/generate"
             asyncio.run(one_round(url, constrained[: args.concurrency], args.concurrency))  # warm-up, compile cache
             rates: dict[str, list[float]] = {"unconstrained": [], "constrained": []}
