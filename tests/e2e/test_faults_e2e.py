@@ -225,7 +225,9 @@ def test_full_queue_answers_429_with_retry_after_and_every_accepted_request_comp
 
         async def burst() -> list[httpx.Response]:
             async with httpx.AsyncClient(timeout=120) as client:
-                body = {"text": "busy", "max_new_tokens": 60}
+                # long enough (seconds each on the tiny model) that the burst always finds the one slot and the
+                # one queue place taken, however fast the engine is
+                body = {"text": "busy", "max_new_tokens": 1000}
                 return await asyncio.gather(*(client.post(f"{srv.url}/{app}/v1/generate", json=body) for _ in range(8)))
 
         responses = asyncio.run(burst())
@@ -237,4 +239,4 @@ def test_full_queue_answers_429_with_retry_after_and_every_accepted_request_comp
             assert int(r.headers["retry-after"]) >= 1
             assert r.json()["status"] == "error" and "queue is full" in r.json()["error"]
         else:
-            assert r.json()["compute_metrics"]["output_tokens"] == 60
+            assert r.json()["compute_metrics"]["output_tokens"] == 1000

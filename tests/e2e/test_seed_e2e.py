@@ -32,7 +32,7 @@ pytestmark = pytest.mark.e2e
 
 TIMEOUT = 60
 # traffic.timeout of the vlm server, from its configuration.yaml: far above any test request (< 2 s on a busy CPU),
-# far below a 4096-token generation (a minute on CPU).
+# far below a 30,000-token generation (half a minute or more on CPU).
 VLM_TIMEOUT_S = 6
 
 
@@ -81,6 +81,8 @@ def vlm(tiny_vlm: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Si
         "MEDGEMMA_LOAD_ON_STARTUP": "false",
         "MEDGEMMA_LOADING_RETRY_AFTER_S": "3",
         "MEDGEMMA_CONFIG": str(config),
+        # room for a generation far longer than the traffic timeout however fast the machine (see below)
+        "MEDGEMMA_MAX_NEW_TOKENS_CAP": "30000",
     }
     with bentoml_serve(env, tmp) as srv:
         app = tiny_vlm.name
@@ -294,7 +296,7 @@ def test_models(vlm):
 BAD_JSON = {
     "max_new_tokens-string": {"text": "q", "max_new_tokens": "lots"},
     "max_new_tokens-zero": {"text": "q", "max_new_tokens": 0},
-    "max_new_tokens-over-cap": {"text": "q", "max_new_tokens": 4097},
+    "max_new_tokens-over-cap": {"text": "q", "max_new_tokens": 30001},  # the cap of this module's server: 30000
     "max_new_tokens-fraction": {"text": "q", "max_new_tokens": 2.5},
     "max_new_tokens-true": {"text": "q", "max_new_tokens": True},
     "temperature-negative": {"text": "q", "temperature": -0.5},
@@ -540,9 +542,10 @@ def test_configuration_port_is_applied_without_p(failed):
 
 def test_configuration_traffic_timeout_is_applied(vlm):
     # traffic.timeout from MEDGEMMA_CONFIG's file: a generation that takes far longer (greedy decoding of this prompt
-    # never reaches EOS on the demo model, and 4096 tokens take a minute on CPU) is cut off with BentoML's 504.
+    # never reaches EOS on the demo model; 30,000 tokens take half a minute or more on CPU, where 4,096 could finish
+    # within the timeout on a fast machine) is cut off with BentoML's 504.
     started = time.monotonic()
-    r = post(f"{vlm.base}/generate", {"text": "hi", "max_new_tokens": 4096})
+    r = post(f"{vlm.base}/generate", {"text": "hi", "max_new_tokens": 30000})
     elapsed = time.monotonic() - started
     assert r.status_code == 504, r.text[:500]
     assert VLM_TIMEOUT_S - 0.5 <= elapsed < VLM_TIMEOUT_S + 20
