@@ -52,7 +52,7 @@ def shape(req: GenerationRequest) -> list[tuple[str, list[str]]]:
         ({"frequency_penalty": 0.5}, "frequency_penalty"),
         ({"presence_penalty": 1}, "presence_penalty"),
         ({"logprobs": True}, "logprobs"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "xml"}}, "response_format"),  # json_object and json_schema are served
         ({"temperature": 2.5}, "temperature"),
         ({"top_p": 0}, "top_p"),
         ({"max_tokens": 0}, "max_tokens"),
