@@ -189,10 +189,21 @@ def serve(
     ready_timeout: float = 120.0,
     **options: Any,
 ) -> Iterator[BentoServer]:
-    """Start a server (options as ``BentoServer``), yield it once ``/readyz`` answers, always stop it."""
-    server = BentoServer(workdir, env, **options).start()
+    """Start a server (options as ``BentoServer``), yield it once ``/readyz`` answers, always stop it.
+
+    BentoML picks its internal (circus/ZeroMQ) ports by probing for free ones and binding them later, so another
+    process can take one in between; a start that fails with "Address already in use" is tried once more."""
+    for attempt in (1, 2):
+        server = BentoServer(workdir, env, **options).start()
+        try:
+            server.wait_ready(ready_timeout)
+            break
+        except RuntimeError:
+            server.stop()
+            if attempt == 1 and "Address already in use" in server.log():
+                continue
+            raise
     try:
-        server.wait_ready(ready_timeout)
         yield server
     finally:
         server.stop()
