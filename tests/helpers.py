@@ -1,4 +1,5 @@
-"""What several test modules assert about the seed API: its response fields, its error object, a PNG to send."""
+"""What several test modules share: the seed API's response fields and error object, a PNG to send, and transformers'
+`generate()` as the greedy oracle for the engine."""
 
 from __future__ import annotations
 
@@ -46,3 +47,21 @@ def assert_error(r: Any, status: int = 400) -> dict:
     assert "Traceback" not in r.text
     assert 'File "' not in r.text
     return body
+
+
+def greedy_generate(engine: Any, req: Any) -> list[int]:
+    """transformers' ``generate()`` alone, greedy, on the engine's model: the tokens the engine must reproduce."""
+    import torch
+
+    p = engine.prepare(req)
+    kwargs = {}
+    if p.pixel_values is not None:
+        kwargs = {"pixel_values": p.pixel_values, "token_type_ids": p.token_type_ids[None]}
+    out = engine.model.generate(
+        input_ids=p.input_ids[None],
+        attention_mask=torch.ones_like(p.input_ids[None]),
+        max_new_tokens=req.params.max_new_tokens,
+        do_sample=False,
+        **kwargs,
+    )
+    return [t for t in out[0, p.n_input :].tolist() if t not in engine.eos_ids]

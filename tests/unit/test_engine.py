@@ -16,6 +16,7 @@ from medgemma.engine import Engine
 from medgemma.errors import BadRequest, EngineUnavailable, Overloaded
 from medgemma.loader import load_model
 from medgemma.protocol import GenerationRequest, ImagePart, Message, SamplingParams, TextPart
+from tests.helpers import greedy_generate
 
 
 @pytest.fixture(scope="module")
@@ -66,23 +67,12 @@ def run_alone(engine: Engine, req: GenerationRequest):
     return engine.submit(engine.prepare(req)).wait_sync(60)
 
 
-def test_greedy_matches_transformers_generate(engine, vlm):
+def test_greedy_matches_transformers_generate(engine):
     """The engine's own loop gives the tokens transformers' generate() gives (greedy, fp32)."""
     for spec in PROMPTS:
         req = make(spec)
         ours = run_alone(engine, req)
-        prepared = engine.prepare(req)
-        kwargs = {}
-        if prepared.pixel_values is not None:
-            kwargs = {"pixel_values": prepared.pixel_values, "token_type_ids": prepared.token_type_ids[None]}
-        out = vlm.model.generate(
-            input_ids=prepared.input_ids[None],
-            attention_mask=torch.ones_like(prepared.input_ids[None]),
-            max_new_tokens=spec[2],
-            do_sample=False,
-            **kwargs,
-        )
-        theirs = [t for t in out[0, prepared.n_input :].tolist() if t not in engine.eos_ids]
+        theirs = greedy_generate(engine, req)
         assert ours.token_ids == theirs
 
 

@@ -19,6 +19,7 @@ from medgemma.engine.kv_cache import KVLayout, budget_for_tokens
 from medgemma.errors import BadRequest
 from medgemma.loader import load_model
 from medgemma.protocol import GenerationRequest, ImagePart, Message, SamplingParams, TextPart
+from tests.helpers import greedy_generate
 
 # fp32 on CPU: chunked prefill and paged attention add the same terms in another order, so logits move in the last
 # bits only. 1e-4 (absolute, logits of order 1) is far above that noise and far below a real difference.
@@ -49,22 +50,6 @@ def request(text: str, *, n: int = 16, images: tuple[Image.Image, ...] = ()) -> 
     return GenerationRequest([Message("user", tuple(parts))], SamplingParams.resolve(max_new_tokens=n))
 
 
-def oracle(eng: Engine, req: GenerationRequest) -> list[int]:
-    """transformers' generate() alone, greedy: the tokens the engine must reproduce."""
-    p = eng.prepare(req)
-    kwargs = {}
-    if p.pixel_values is not None:
-        kwargs = {"pixel_values": p.pixel_values, "token_type_ids": p.token_type_ids[None]}
-    out = eng.model.generate(
-        input_ids=p.input_ids[None],
-        attention_mask=torch.ones_like(p.input_ids[None]),
-        max_new_tokens=req.params.max_new_tokens,
-        do_sample=False,
-        **kwargs,
-    )
-    return [t for t in out[0, p.n_input :].tolist() if t not in eng.eos_ids]
-
-
 @pytest.fixture
 def make_engine(vlm):
     engines: list[Engine] = []
@@ -91,7 +76,7 @@ def test_long_prompts_past_the_window_beside_short_ones_match_generate(make_engi
         request("another short one", n=8),
     ]
     assert eng.prepare(reqs[0]).n_input > 3 * window
-    expected = [oracle(eng, r) for r in reqs]
+    expected = [greedy_generate(eng, r) for r in reqs]
     handles = [eng.submit(eng.prepare(r)) for r in reqs]
     got = [h.wait_sync(120).token_ids for h in handles]
     assert got == expected
@@ -141,7 +126,7 @@ def test_chunk_boundaries_never_split_an_image_and_chunked_logits_match_one_pass
             assert not (start < s < end < e or s < start < e), f"chunk {start}:{end} splits image {s}:{e}"
 
     assert torch.allclose(first_logits[0], full.float(), atol=LOGIT_TOLERANCE, rtol=0)
-    assert got == oracle(eng, req)
+    assert got == greedy_generate(eng, req)
 
 
 def test_sliding_layers_never_hold_more_than_the_window(make_engine, monkeypatch):
