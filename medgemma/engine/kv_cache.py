@@ -127,7 +127,7 @@ class RowTable:
     reserved: int  # blocks this row may still take
     blocks: list[int] = field(default_factory=list)
     first: int = 0
-    _tensor: torch.Tensor | None = None
+    _slots: torch.Tensor | None = None  # cache of slots(); cleared whenever the blocks change
 
     @property
     def end(self) -> int:
@@ -136,11 +136,11 @@ class RowTable:
 
     def slots(self, device: torch.device, block_size: int) -> torch.Tensor:
         """Pool slots of every position held, from ``first * block_size`` on (cached until the blocks change)."""
-        if self._tensor is None or self._tensor.device != device:
+        if self._slots is None or self._slots.device != device:
             blocks = torch.tensor(self.blocks, dtype=torch.long, device=device)
             offsets = torch.arange(block_size, device=device)
-            self._tensor = (blocks[:, None] * block_size + offsets).flatten()
-        return self._tensor
+            self._slots = (blocks[:, None] * block_size + offsets).flatten()
+        return self._slots
 
 
 @dataclass
@@ -220,7 +220,7 @@ class PagedKVCache:
             table = row.table(kind)
             self.pools[kind].give(table.blocks)
             self.pools[kind].unreserve(table.reserved)
-            table.blocks, table.reserved, table._tensor = [], 0, None
+            table.blocks, table.reserved, table._slots = [], 0, None
 
     def extend(self, row: RowKV, start: int, end: int) -> None:
         """Make positions [start, end) writable; in the sliding pool first return blocks no query needs any more."""
@@ -234,7 +234,7 @@ class PagedKVCache:
             while table.end <= last:
                 table.blocks.append(pool.take())
                 table.reserved -= 1
-                table._tensor = None
+                table._slots = None
 
     def trim(self, row: RowKV, next_pos: int) -> None:
         """Return the sliding blocks that the query at ``next_pos`` (and every later one) no longer sees."""
@@ -251,7 +251,7 @@ class PagedKVCache:
             # returns to its reservation (others see no more room than before).
             pool.reserved += drop
             table.reserved += drop
-            table.blocks, table.first, table._tensor = table.blocks[drop:], table.first + drop, None
+            table.blocks, table.first, table._slots = table.blocks[drop:], table.first + drop, None
 
     def held_tokens(self, row: RowKV, kind: Kind) -> int:
         return len(row.table(kind).blocks) * self.block_size
