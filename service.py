@@ -20,20 +20,17 @@ load, and a replica that is loading must still answer 202 and ``/health``.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import bentoml
-from PIL import Image as PILImage
 from starlette.responses import Response, StreamingResponse
 
-from medgemma import bentoml_compat, transport
+from medgemma import transport
 from medgemma.config import SERVICE_NAME, Settings, load_bentoml_config
 from medgemma.core import ClientGone, MedGemmaCore
 from medgemma.middleware import PREDICT_PATH, VERTEX_HEALTH_PATH, EdgeMiddleware
 from medgemma.playground import playground_app
 from medgemma.routes import error_response, google_app, json_response, openai_app, seed_app
-
-bentoml_compat.apply()
 
 SETTINGS = Settings.from_env()
 APP = SETTINGS.route_prefix
@@ -80,43 +77,17 @@ class MedGemma:
     def _shutdown(self) -> None:
         self.core.shutdown(grace_s=SETTINGS.shutdown_grace_s)
 
-    @transport.strict_api(f"/{APP}/v1/generate")
-    async def generate(  # noqa: PLR0917 - BentoML maps each parameter to a request field
-        self,
-        ctx: bentoml.Context,
-        text: str | None = None,
-        system: str | None = None,
-        # typing.Optional, not `X | None`: BentoML 1.4 only recognises typing.Union when it patches PIL fields.
-        image: Optional[PILImage.Image] = None,  # noqa: UP045
-        images: Optional[list[PILImage.Image]] = None,  # noqa: UP045
-        messages: list[dict[str, Any]] | None = None,
-        max_new_tokens: int | None = None,
-        do_sample: bool | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        repetition_penalty: float | None = None,
-        seed: int | None = None,
-        image_dicom: dict[str, Any] | list[dict[str, Any]] | None = None,
-        window: dict[str, float] | None = None,
-        dicom_frames: str | None = None,
-        image_previews: bool = False,
-        response_format: dict[str, Any] | None = None,
-        structured_outputs: dict[str, Any] | None = None,
-        include_thinking: bool | None = None,
-        pad_to_square: bool | None = None,
-        stream: bool = False,
-        adapter: str | None = None,
-    ) -> dict[str, Any]:
-        """Generate a response (seed API). Images: data URIs in JSON, or PIL images / files via the BentoML client."""
-        decoded = {k: v for k, v in locals().items() if k not in ("self", "ctx") and v is not None}
+    @bentoml.api(route=f"/{APP}/v1/generate", input_spec=transport.SeedInput)
+    async def generate(self, ctx: bentoml.Context, **request: Any) -> dict[str, Any]:
+        """Generate a response (seed API; fields: ``medgemma.schemas.GenerateRequest``). Images: data URIs in JSON,
+        or PIL images / files via the BentoML client."""
         rid = transport.request_id(ctx)
         try:
-            payload = await transport.seed_payload(ctx, decoded)
-            if payload.get("stream") is True:
-                events = await self.core.generate_stream(payload, request_id=rid)
+            req = self.core.parse_seed(transport.seed_request(ctx, request))
+            if req.stream:
+                events = await self.core.generate_stream(req, request_id=rid)
                 return transport.respond(ctx, StreamingResponse(events, media_type="text/event-stream"))
-            body = await self.core.generate(payload, request_id=rid, disconnected=ctx.request.is_disconnected)
+            body = await self.core.generate(req, request_id=rid, disconnected=ctx.request.is_disconnected)
             return transport.respond(ctx, json_response(body))
         except ClientGone:
             return transport.respond(ctx, Response(status_code=499))

@@ -1,4 +1,4 @@
-"""Three narrow adjustments to BentoML 1.4's request parsing, applied once by ``service.py``.
+"""Narrow adjustments to BentoML 1.4's request parsing, applied once by ``medgemma.transport`` on import.
 
 Why each one (all verified against bentoml 1.4.40's ``_bentoml_impl/serde.py`` and ``_bentoml_sdk/validators.py``):
 

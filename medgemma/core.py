@@ -150,12 +150,14 @@ class MedGemmaCore:
 
         return build
 
-    def parse_seed(self, payload: dict[str, Any]) -> GenerateRequest:
-        return parse_model(GenerateRequest, payload)
+    def parse_seed(self, payload: GenerateRequest | dict[str, Any]) -> GenerateRequest:
+        """A request the transport already validated (BentoML parses with ``GenerateRequest``) is used as it is;
+        a plain dict (in-process callers) is validated here."""
+        return payload if isinstance(payload, GenerateRequest) else parse_model(GenerateRequest, payload)
 
     async def generate(
         self,
-        payload: dict[str, Any],
+        payload: GenerateRequest | dict[str, Any],
         *,
         request_id: str | None = None,
         disconnected: Disconnected | None = None,
@@ -166,7 +168,9 @@ class MedGemmaCore:
         self._log_result(greq, result, "generate")
         return self.seed_body(greq, result, started)
 
-    async def generate_stream(self, payload: dict[str, Any], *, request_id: str | None = None) -> AsyncIterator[str]:
+    async def generate_stream(
+        self, payload: GenerateRequest | dict[str, Any], *, request_id: str | None = None
+    ) -> AsyncIterator[str]:
         """Validate and queue first (so errors are proper HTTP answers), then return the SSE event stream."""
         started = time.perf_counter()
         req = self.parse_seed(payload)

@@ -18,22 +18,19 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr
 
-from medgemma import openai_api
+from medgemma import openai_api, sources
 from medgemma.config import Settings
 from medgemma.errors import BadRequest
 from medgemma.protocol import GenerationRequest, TextPart
-from medgemma.schemas import APIModel, ImageDicomContent, parse_model
+from medgemma.schemas import APIModel, ImageDicomContent, ImageURL, ImageURLContent, TextContent, parse_model
 
 
-class GoogleImageURL(APIModel):
-    url: str
-    detail: Literal["auto"] | None = None
+class GoogleImageURL(ImageURL):
     access_credential: Annotated[SecretStr, Field(max_length=16384)] | None = None
 
 
-class GoogleImageURLPart(APIModel):
-    type: Literal["image_url"]
-    image_url: GoogleImageURL | str
+class GoogleImageURLPart(ImageURLContent):
+    image_url: GoogleImageURL | str  # type: ignore[assignment]
 
 
 class GoogleImagePart(APIModel):
@@ -51,7 +48,7 @@ class GoogleImageBytesPart(APIModel):
 
 
 GooglePart = Annotated[
-    openai_api.OAITextPart | GoogleImageURLPart | GoogleImagePart | GoogleImageBytesPart | ImageDicomContent,
+    TextContent | GoogleImageURLPart | GoogleImagePart | GoogleImageBytesPart | ImageDicomContent,
     Field(discriminator="type"),
 ]
 
@@ -133,13 +130,13 @@ def part_item(part: Any, settings: Settings, param: str) -> tuple[Any, str]:
     if isinstance(part, GoogleImageBytesPart):
         return "data:application/octet-stream;base64," + part.image_bytes.input_bytes, f"{param}.image_bytes"
     if isinstance(part, GoogleImagePart):
-        return openai_api.image_value(part.image, settings, param), param
+        return sources.image_url_value(part.image, settings, param), param
     if isinstance(part, GoogleImageURLPart):
         url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
         secret = None if isinstance(part.image_url, str) else part.image_url.access_credential
         credential = secret.get_secret_value() if secret is not None else None
-        return openai_api.image_value(url, settings, param, credential), param
-    if isinstance(part, openai_api.OAITextPart):
+        return sources.image_url_value(url, settings, param, credential), param
+    if isinstance(part, TextContent):
         return TextPart(part.text), param
     return openai_api.part_item(part, settings, param)
 

@@ -24,10 +24,9 @@ from medgemma.schemas import (
     ChatMessage,
     DicomSource,
     GenerateRequest,
-    GenerationParameters,
     ImageContent,
     ImageDicomContent,
-    ImageURLContent,
+    SeedImageURLContent,
 )
 from medgemma.sources import ImageOptions, Upload
 
@@ -68,8 +67,14 @@ def to_upload(value: Any, options: ImageOptions, *, param: str) -> Upload | Imag
     """One image value (data URI, upload, bytes) as encoded bytes; a PIL image as it is."""
     if isinstance(value, Image.Image):
         return value
+    if isinstance(value, Upload):  # fetched from an allow-listed URL
+        return value
     if isinstance(value, UploadedImage):
         return Upload(value.data, value.media_type)
+    if isinstance(value, str) and value.startswith(("http://", "https://")):
+        value = sources.image_url_value(value, options.settings, param)  # the one URL policy: allow-listed or 400
+        if isinstance(value, Upload):
+            return value
     if isinstance(value, str):
         media_type, data = imaging.parse_data_uri(value, param=param, limits=options.limits)
         return Upload(data, media_type)
@@ -200,32 +205,13 @@ def _check_json_schema(schema: dict[str, Any], param: str) -> None:
         raise BadRequest(f"{param} is not a valid JSON Schema: {exc.message[:300]}{at}", param=param) from None
 
 
-def sampling_params(p: GenerationParameters, settings: Settings, stop: Sequence[str] = ()) -> SamplingParams:
-    max_new = p.max_new_tokens if p.max_new_tokens is not None else settings.default_max_new_tokens
-    if max_new > settings.max_new_tokens_cap:
-        raise BadRequest(
-            f"max_new_tokens: {max_new} is above this server's limit of {settings.max_new_tokens_cap}",
-            param="max_new_tokens",
-        )
-    return SamplingParams.resolve(
-        max_new_tokens=max_new,
-        do_sample=p.do_sample,
-        temperature=p.temperature,
-        top_p=p.top_p,
-        top_k=p.top_k,
-        repetition_penalty=p.repetition_penalty,
-        seed=p.seed,
-        stop=tuple(stop),
-    )
-
-
 def from_seed(
     req: GenerateRequest, settings: Settings, *, vision: bool, request_id: str | None = None
 ) -> GenerationRequest:
     """Seed API request (simple or chat format) → internal request."""
     check_adapter(req.adapter, settings, param="adapter")
     options = image_options(settings, req.window, req.dicom_frames, req.seed, pad_to_square=req.pad_to_square)
-    params = sampling_params(req, settings)
+    params = req.seed_sampling_params(settings)
     if req.messages is not None:
         messages = [_chat_message(m, i, options) for i, m in enumerate(req.messages)]
     else:
@@ -346,9 +332,8 @@ def _chat_message(m: ChatMessage, index: int, options: ImageOptions) -> Message:
         param = f"messages[{index}].content[{j}]"
         if isinstance(c, ImageDicomContent):
             items.append((c.image_dicom, f"{param}.image_dicom"))
-        elif isinstance(c, ImageURLContent):
-            url = c.image_url if isinstance(c.image_url, str) else c.image_url.url
-            items.append((_data_uri_only(url, param), param))
+        elif isinstance(c, SeedImageURLContent):
+            items.append((c.url, param))  # an http(s) URL meets the URL policy when it is decoded (to_upload)
         elif isinstance(c, ImageContent):
             items.append((c.image, param))
         else:
@@ -387,12 +372,3 @@ def content_parts(items: Sequence[tuple[Any, str]], options: ImageOptions, param
         else:
             parts.append(slot)
     return parts
-
-
-def _data_uri_only(url: str, param: str) -> str:
-    if url.startswith(("http://", "https://")):
-        raise BadRequest(
-            f"{param}: image URLs are not fetched by this server; send the image as a data URI",
-            param=param,
-        )
-    return url

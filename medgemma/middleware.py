@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from medgemma.errors import BadRequest, PayloadTooLarge, ServiceError, Unauthorized, error_body
+from medgemma.schemas import readable_error
 from medgemma.telemetry import ACCESS_NOTES
 
 log = logging.getLogger("medgemma.access")
@@ -124,7 +125,6 @@ class EdgeMiddleware:
                 if problem is not None:
                     await _send_error(send_logged, problem, openai=openai)
                     return
-                scope["state"]["json_body"] = body  # the exact JSON, for strict validation behind BentoML's
                 receive = _replay(body, receive)
             await self.app(scope, receive, _Rewriter(send_logged, openai=openai, scope=scope))
         finally:
@@ -314,8 +314,8 @@ def _foreign_error(status: int, raw: bytes) -> ServiceError:
         data = data[0]
     if isinstance(data, dict):
         detail = data.get("detail")
-        if isinstance(detail, list) and detail and isinstance(detail[0], dict):
-            message, param = _pydantic_detail(detail[0])
+        if isinstance(detail, list) and detail and all(isinstance(d, dict) for d in detail):
+            message, param = readable_error(detail)  # BentoML's ValidationError answer: the schema's own words
         elif isinstance(data.get("error"), str):
             message = data["error"]
         elif isinstance(detail, str):
@@ -327,15 +327,6 @@ def _foreign_error(status: int, raw: bytes) -> ServiceError:
     exc = ServiceError(message[:500], param=param)
     exc.status_code = status
     return exc
-
-
-def _pydantic_detail(d: dict[str, Any]) -> tuple[str, str | None]:
-    loc = [str(p) for p in d.get("loc", ()) if str(p) not in ("body", "query", "path")]
-    path = ".".join(loc) or None
-    msg = str(d.get("msg", "invalid value"))
-    if d.get("type") == "extra_forbidden":
-        msg = "unknown field (not part of this API)"  # same words as the seed schema's own check
-    return (f"{path}: {msg}" if path else msg), path
 
 
 async def _send_error(

@@ -15,37 +15,26 @@ applies rather than "until the context is full"; without ``temperature`` decodin
 
 from __future__ import annotations
 
-import ipaddress
 import time
-import urllib.parse
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from medgemma import answer, inputs
+from medgemma import answer, inputs, sources
 from medgemma.config import Settings
-from medgemma.errors import BadRequest, NotFound, PayloadTooLarge
-from medgemma.protocol import GenerationRequest, GenerationResult, Message, Part, TextPart
-from medgemma.schemas import AnswerOptions, APIModel, GenerationParameters, ImageDicomContent
+from medgemma.errors import BadRequest, NotFound
+from medgemma.protocol import GenerationRequest, GenerationResult, Message, Part, SamplingParams, TextPart
+from medgemma.schemas import (
+    AnswerOptions,
+    APIModel,
+    ImageDicomContent,
+    ImageURLContent,
+    SamplingFields,
+    TextContent,
+)
 
-
-class OAIImageURL(APIModel):
-    url: str
-    detail: Literal["auto"] | None = None  # images are always processed at the model's resolution
-
-
-class OAITextPart(APIModel):
-    type: Literal["text"]
-    text: str
-
-
-class OAIImagePart(APIModel):
-    type: Literal["image_url"]
-    image_url: OAIImageURL
-
-
-OAIPart = Annotated[OAITextPart | OAIImagePart | ImageDicomContent, Field(discriminator="type")]
+OAIPart = Annotated[TextContent | ImageURLContent | ImageDicomContent, Field(discriminator="type")]
 
 
 class OAIMessage(APIModel):
@@ -58,21 +47,16 @@ class StreamOptions(APIModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(AnswerOptions):
+class ChatCompletionRequest(AnswerOptions, SamplingFields):
     model: str
     messages: list[OAIMessage]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    top_k: Annotated[int, Field(ge=1)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
     stop: (
         Annotated[str, Field(max_length=256)]
         | Annotated[list[Annotated[str, Field(max_length=256)]], Field(max_length=8)]
         | None
     ) = None
-    seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
     n: Literal[1] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -87,10 +71,6 @@ class ChatCompletionRequest(AnswerOptions):
         both = self.max_tokens is not None and self.max_completion_tokens is not None
         if both and self.max_tokens != self.max_completion_tokens:
             raise ValueError("max_tokens and max_completion_tokens disagree; send one of them")
-        if not self.messages:
-            raise ValueError("messages must contain at least one message")
-        if self.temperature == 0 and (self.top_p is not None or self.top_k is not None):
-            raise ValueError("temperature 0 means greedy decoding, which contradicts top_p/top_k")
         if (isinstance(self.stop, list) and any(s == "" for s in self.stop)) or self.stop == "":
             raise ValueError("stop strings must not be empty")
         return self
@@ -100,15 +80,10 @@ class ChatCompletionRequest(AnswerOptions):
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
-    def parameters(self) -> GenerationParameters:
-        return GenerationParameters(
-            max_new_tokens=self.max_completion_tokens or self.max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            repetition_penalty=self.repetition_penalty,
-            seed=self.seed,
-        )
+    def engine_params(self, settings: Settings) -> SamplingParams:
+        """The engine's parameters, straight from this request (no detour through the seed's schema)."""
+        length = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+        return self.sampling_params(settings, max_new_tokens=getattr(self, length), stop=self.stop_list(), param=length)
 
 
 def adapter_of(requested: str | None, settings: Settings) -> str | None:
@@ -125,11 +100,11 @@ def adapter_of(requested: str | None, settings: Settings) -> str | None:
 
 def part_item(part: Any, settings: Settings, param: str) -> tuple[Any, str]:
     """An OpenAI content part as an item for ``inputs.content_parts``."""
-    if isinstance(part, OAITextPart):
+    if isinstance(part, TextContent):
         return TextPart(part.text), param
     if isinstance(part, ImageDicomContent):
         return part.image_dicom, f"{param}.image_dicom"
-    return image_value(part.image_url.url, settings, param), param
+    return sources.image_url_value(part.image_url.url, settings, param), param
 
 
 def to_generation_request(
@@ -157,7 +132,7 @@ def to_generation_request(
             items = [item(p, settings, f"messages[{i}].content[{j}]") for j, p in enumerate(m.content)]
             parts = inputs.content_parts(items, options, f"messages[{i}].content")
         messages.append(Message(role, tuple(parts)))  # type: ignore[arg-type]
-    params = inputs.sampling_params(req.parameters(), settings, stop=req.stop_list())
+    params = req.engine_params(settings)
     adapter = adapter_of(req.model, settings)
     greq = inputs.build_request(
         messages,
@@ -170,46 +145,6 @@ def to_generation_request(
     )
     greq.include_thinking = req.include_reasoning
     return inputs.answer_options(req, settings, greq)
-
-
-def image_value(url: str, settings: Settings, param: str, credential: str | None = None) -> Any:
-    """An image URL as an image value: an allow-listed http(s) URL is fetched, anything else is a data URI."""
-    if url.startswith(("http://", "https://")):
-        return fetch_image(url, settings, param, credential)
-    return url
-
-
-def fetch_image(url: str, settings: Settings, param: str, credential: str | None = None) -> inputs.UploadedImage:
-    """Fetch an http(s) image only from an allow-listed domain, with a size cap and a short timeout."""
-    host = (urllib.parse.urlsplit(url).hostname or "").lower()
-    allowed = [d.lower().lstrip(".") for d in settings.image_url_domains]
-    if not host or not any(host == d or host.endswith("." + d) for d in allowed):
-        raise BadRequest(
-            f"{param}: image URLs are not fetched unless their domain is allow-listed "
-            "(MEDGEMMA_IMAGE_URL_DOMAINS); send the image as a data URI",
-            param=param,
-        )
-    try:
-        ipaddress.ip_address(host)
-        raise BadRequest(f"{param}: image URLs must name a domain, not an IP address", param=param)
-    except ValueError:
-        pass
-    import httpx
-
-    limit = settings.max_image_bytes
-    try:
-        headers = {"Authorization": f"Bearer {credential}"} if credential else None
-        with httpx.stream("GET", url, timeout=10.0, follow_redirects=False, headers=headers) as resp:
-            if resp.status_code != 200:
-                raise BadRequest(f"{param}: fetching the image URL answered HTTP {resp.status_code}", param=param)
-            data = bytearray()
-            for chunk in resp.iter_bytes():
-                data.extend(chunk)
-                if len(data) > limit:
-                    raise PayloadTooLarge(f"{param}: the image at the URL is above {limit} bytes", param=param)
-            return inputs.UploadedImage(bytes(data), resp.headers.get("content-type"))
-    except (httpx.HTTPError, httpx.InvalidURL, UnicodeError) as exc:
-        raise BadRequest(f"{param}: the image URL could not be fetched ({type(exc).__name__})", param=param) from None
 
 
 # --- responses -------------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ it. Nothing here imports torch, transformers or BentoML.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from PIL import Image
@@ -55,18 +55,9 @@ class SamplingParams:
 
     @classmethod
     def resolve(
-        cls,
-        *,
-        max_new_tokens: int,
-        do_sample: bool | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        repetition_penalty: float | None = None,
-        seed: int | None = None,
-        stop: tuple[str, ...] = (),
+        cls, *, max_new_tokens: int, do_sample: bool | None = None, stop: tuple[str, ...] = (), **knobs: Any
     ) -> SamplingParams:
-        """Apply the rules once, for every API.
+        """Apply the rules once, for every API (``knobs`` are the other fields, by name).
 
         - ``do_sample`` unset: sampling is on when a sampling parameter asks for it (temperature > 0, top_p, top_k),
           as a caller who sends ``temperature: 0.7`` means; otherwise greedy (the seed's default).
@@ -74,31 +65,18 @@ class SamplingParams:
         - An explicit ``do_sample: false`` with sampling parameters is contradictory and is rejected by the schema
           layer, so no parameter is ever silently ignored.
         """
+        temperature = knobs.get("temperature")
         if do_sample is None:
-            do_sample = bool((temperature is not None and temperature > 0) or top_p is not None or top_k is not None)
+            asks = (temperature is not None and temperature > 0) or knobs.get("top_p") is not None
+            do_sample = bool(asks or knobs.get("top_k") is not None)
         if temperature == 0:
             do_sample = False
-        return cls(
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
-            stop=stop,
-        )
+        return cls(max_new_tokens=max_new_tokens, do_sample=do_sample, stop=stop, **knobs)
 
     def seed_parameters(self) -> dict[str, Any]:
-        """The seed API's ``parameters`` object: all six, null when unset."""
-        return {
-            "max_new_tokens": self.max_new_tokens,
-            "do_sample": self.do_sample,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "repetition_penalty": self.repetition_penalty,
-        }
+        """The seed API's ``parameters`` object: every decoding parameter (null when unset) but the seed and stops,
+        which the seed's response never echoed."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("seed", "stop")}
 
 
 ConstraintKind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]

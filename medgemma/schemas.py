@@ -7,11 +7,14 @@ the service does not know would otherwise be silently ignored (a misspelt ``max_
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from medgemma.config import Settings
 from medgemma.errors import BadRequest
+from medgemma.protocol import SamplingParams
 
 
 class APIModel(BaseModel):
@@ -47,10 +50,21 @@ class ImageURL(APIModel):
 
 
 class ImageURLContent(APIModel):
-    """OpenAI-style image part, accepted in the seed chat format too."""
+    """OpenAI's image part. What its URL may be (a data URI, or an allow-listed http(s) address) is decided in one
+    place for every API: ``medgemma.sources.image_url_value``."""
 
     type: Literal["image_url"]
-    image_url: ImageURL | str
+    image_url: ImageURL
+
+
+class SeedImageURLContent(ImageURLContent):
+    """The seed chat format also takes the URL as a plain string."""
+
+    image_url: ImageURL | str  # type: ignore[assignment]
+
+    @property
+    def url(self) -> str:
+        return self.image_url if isinstance(self.image_url, str) else self.image_url.url
 
 
 class DicomSource(APIModel):
@@ -73,7 +87,9 @@ class ImageDicomContent(APIModel):
     image_dicom: DicomSource
 
 
-ContentPart = Annotated[TextContent | ImageContent | ImageURLContent | ImageDicomContent, Field(discriminator="type")]
+ContentPart = Annotated[
+    TextContent | ImageContent | SeedImageURLContent | ImageDicomContent, Field(discriminator="type")
+]
 
 
 class ChatMessage(APIModel):
@@ -81,11 +97,15 @@ class ChatMessage(APIModel):
     content: str | list[ContentPart]
 
 
-class GenerationParameters(APIModel):
-    """The seed's generation parameters, with the ranges the issue tracker agreed on."""
+class SamplingFields(APIModel):
+    """The sampling parameters both public APIs share, with their ranges: declared once, here.
 
-    max_new_tokens: Annotated[int, Field(ge=1)] | None = None
-    do_sample: bool | None = None
+    ``sampling_params`` turns them into the engine's ``SamplingParams`` by name, so a new parameter is added here,
+    in ``protocol.SamplingParams`` and where the engine applies it, and nowhere else. The length field (seed
+    ``max_new_tokens``, OpenAI ``max_tokens``/``max_completion_tokens``), ``do_sample`` (seed only) and ``stop``
+    (OpenAI only) are each API's own and passed in by it.
+    """
+
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     top_k: Annotated[int, Field(ge=1)] | None = None
@@ -93,11 +113,44 @@ class GenerationParameters(APIModel):
     seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
 
     @model_validator(mode="after")
-    def _sampling_is_consistent(self) -> GenerationParameters:
-        sampling_knobs = [n for n in ("top_p", "top_k") if getattr(self, n) is not None]
-        if self.temperature == 0 and (sampling_knobs or self.do_sample):
-            what = ", ".join(sampling_knobs) or "do_sample: true"
-            raise ValueError(f"temperature 0 means greedy decoding, which contradicts {what}")
+    def _temperature_zero_is_greedy(self) -> SamplingFields:
+        knobs = [n for n in ("top_p", "top_k") if getattr(self, n) is not None]
+        if getattr(self, "do_sample", None):
+            knobs.append("do_sample: true")
+        if self.temperature == 0 and knobs:
+            raise ValueError(f"temperature 0 means greedy decoding, which contradicts {', '.join(knobs)}")
+        return self
+
+    def sampling_params(
+        self,
+        settings: Settings,
+        *,
+        max_new_tokens: int | None,
+        do_sample: bool | None = None,
+        stop: Sequence[str] = (),
+        param: str = "max_new_tokens",
+    ) -> SamplingParams:
+        """The engine's parameters: the server default and cap applied to the length, the rest by name."""
+        max_new = max_new_tokens if max_new_tokens is not None else settings.default_max_new_tokens
+        if max_new > settings.max_new_tokens_cap:
+            raise BadRequest(
+                f"{param}: {max_new} is above this server's limit of {settings.max_new_tokens_cap}", param=param
+            )
+        knobs = {name: getattr(self, name) for name in SamplingFields.model_fields}
+        return SamplingParams.resolve(max_new_tokens=max_new, do_sample=do_sample, stop=tuple(stop), **knobs)
+
+
+class _SeedLength(APIModel):
+    # A base of its own so that the seed's fields keep the seed's order (pydantic lists a later base's fields first).
+    max_new_tokens: Annotated[int, Field(ge=1)] | None = None
+    do_sample: bool | None = None
+
+
+class GenerationParameters(SamplingFields, _SeedLength):
+    """The seed's generation parameters, with the ranges the issue tracker agreed on."""
+
+    @model_validator(mode="after")
+    def _do_sample_false_means_greedy(self) -> GenerationParameters:
         if self.do_sample is False:
             given = [n for n in ("top_p", "top_k") if getattr(self, n) is not None]
             if self.temperature not in (None, 0):
@@ -106,6 +159,9 @@ class GenerationParameters(APIModel):
                 verb = "applies" if len(given) == 1 else "apply"
                 raise ValueError(f"{', '.join(given)} only {verb} when do_sample is true; remove or set do_sample true")
         return self
+
+    def seed_sampling_params(self, settings: Settings) -> SamplingParams:
+        return self.sampling_params(settings, max_new_tokens=self.max_new_tokens, do_sample=self.do_sample)
 
 
 class JSONSchemaFormat(APIModel):
@@ -220,8 +276,15 @@ _PART_TAGS = {
 
 def validation_message(exc: ValidationError) -> tuple[str, str | None]:
     """A pydantic error as (one readable sentence, the offending field path)."""
+    return readable_error(exc.errors(include_url=False, include_input=False))
+
+
+def readable_error(errors: Sequence[dict[str, Any]]) -> tuple[str, str | None]:
+    """Pydantic's error list (also as BentoML answers it) as (one readable sentence, the offending field path)."""
+    if not errors:
+        return "invalid request", None
     # In unions pydantic reports every member's failure; the deepest one is the one that explains the mistake.
-    err = max(exc.errors(include_url=False), key=lambda e: len(e.get("loc", ())))
+    err = max(errors, key=lambda e: len(e.get("loc", ())))
     loc: list[str] = []
     raw = list(err.get("loc", ()))
     for i, p in enumerate(raw):

@@ -17,7 +17,9 @@ no patient attribute and no UID.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import urllib.parse
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -329,3 +331,48 @@ def preview(image: Any, max_side: int = 256) -> str:
     buf = io.BytesIO()
     thumb.convert("RGB").save(buf, format="JPEG", quality=85)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+# --- image URLs: one policy for every API ----------------------------------------------------------------------------
+
+
+def image_url_value(url: str, settings: Settings, param: str, credential: str | None = None) -> str | Upload:
+    """What an image URL in any request (seed, OpenAI, Google's format) stands for: a data URI is returned as it is
+    (decoded later like any image value); an http(s) URL is fetched only from an allow-listed domain
+    (``MEDGEMMA_IMAGE_URL_DOMAINS``, empty by default, so by default nothing is fetched)."""
+    if url.startswith(("http://", "https://")):
+        return fetch_image(url, settings, param, credential)
+    return url
+
+
+def fetch_image(url: str, settings: Settings, param: str, credential: str | None = None) -> Upload:
+    """Fetch an http(s) image only from an allow-listed domain, with a size cap and a short timeout."""
+    host = (urllib.parse.urlsplit(url).hostname or "").lower()
+    allowed = [d.lower().lstrip(".") for d in settings.image_url_domains]
+    if not host or not any(host == d or host.endswith("." + d) for d in allowed):
+        raise BadRequest(
+            f"{param}: image URLs are not fetched unless their domain is allow-listed "
+            "(MEDGEMMA_IMAGE_URL_DOMAINS); send the image as a data URI",
+            param=param,
+        )
+    try:
+        ipaddress.ip_address(host)
+        raise BadRequest(f"{param}: image URLs must name a domain, not an IP address", param=param)
+    except ValueError:
+        pass
+    import httpx
+
+    limit = settings.max_image_bytes
+    try:
+        headers = {"Authorization": f"Bearer {credential}"} if credential else None
+        with httpx.stream("GET", url, timeout=10.0, follow_redirects=False, headers=headers) as resp:
+            if resp.status_code != 200:
+                raise BadRequest(f"{param}: fetching the image URL answered HTTP {resp.status_code}", param=param)
+            data = bytearray()
+            for chunk in resp.iter_bytes():
+                data.extend(chunk)
+                if len(data) > limit:
+                    raise PayloadTooLarge(f"{param}: the image at the URL is above {limit} bytes", param=param)
+            return Upload(bytes(data), resp.headers.get("content-type"))
+    except (httpx.HTTPError, httpx.InvalidURL, UnicodeError) as exc:
+        raise BadRequest(f"{param}: the image URL could not be fetched ({type(exc).__name__})", param=param) from None

@@ -1,52 +1,79 @@
-"""BentoML transport helpers for ``service.py``: strict API inputs, status codes, logging and SIGTERM handling.
+"""BentoML transport helpers for ``service.py``: the seed input spec, status codes, logging and SIGTERM handling.
 
 Kept apart so that ``service.py`` reads as the list of routes and lifecycle hooks it is.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import threading
-from typing import Any
+from typing import Any, Optional
 
 import bentoml
-from _bentoml_sdk import IODescriptor
+from _bentoml_sdk.io_models import IOMixin
+from PIL import Image as PILImage
+from starlette.requests import Request
 from starlette.responses import Response
 
+from medgemma import bentoml_compat
 from medgemma.core import MedGemmaCore
-from medgemma.errors import BadRequest
 from medgemma.middleware import RedactRequestData, scope_authenticated, scope_request_id
+from medgemma.schemas import GenerateRequest
+
+# BentoML's PIL validator is adjusted (uploads kept undecoded, no URL downloads) before SeedInput is built below:
+# pydantic binds the validator when the class is created.
+bentoml_compat.apply()
+
+_PARSED = "seed_request"  # scope["state"] key: the request as BentoML validated it
 
 
-async def seed_payload(ctx: bentoml.Context, decoded: dict[str, Any]) -> dict[str, Any]:
-    """The request as the client sent it, for the seed schema to validate (strict types, unknown fields refused).
+class SeedInput(IOMixin, GenerateRequest):
+    """The seed route's BentoML input spec: ``GenerateRequest`` itself, so BentoML's parse is the one validation
+    (strict types, unknown fields refused, the seed's rules), for JSON bodies and forms alike.
 
-    BentoML validates against the method signature first, which coerces JSON types ("200" → 200). For JSON bodies
-    the edge middleware keeps the exact body, and the seed schema validates that. Forms are text by nature, so
-    BentoML's decoding of them (JSON-decoded fields, uploaded files) is the right input; unknown form fields are
-    refused by the API's input spec (see ``strict_api``).
+    Only the two image fields are retyped: as PIL images BentoML treats them as files (multipart uploads from
+    ``bentoml.SyncHTTPClient``, ``curl -F``), which ``bentoml_compat`` hands over undecoded as ``UploadedImage``;
+    in JSON they stay data-URI strings. Both are decoded by ``medgemma.inputs`` like every other image value.
     """
-    raw = ctx.request.scope.get("state", {}).get("json_body")
-    if raw is None:
-        return {k: v for k, v in decoded.items() if not (k == "stream" and v is False)}
-    data = json.loads(raw) if raw.strip() else {}
-    if not isinstance(data, dict):  # the middleware already refused these; kept for in-process callers
-        raise BadRequest("request body must be a JSON object")
-    return data
+
+    # typing.Optional, not `X | None`: BentoML 1.4 only recognises typing.Union when it patches PIL fields.
+    image: Optional[PILImage.Image] = None  # noqa: UP045
+    images: Optional[list[PILImage.Image]] = None  # noqa: UP045
+
+    @classmethod
+    def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        # BentoML publishes OpenAPI 3.0, where exclusive bounds are booleans beside minimum/maximum; pydantic writes
+        # JSON Schema 2020-12 numbers (`"exclusiveMinimum": 0`), which 3.0 validators refuse.
+        return _openapi30_bounds(super().model_json_schema(*args, **kwargs))
+
+    @classmethod
+    async def from_http_request(cls, request: Request, serde: Any) -> Any:
+        # BentoML hands the API method the model's fields, not the model: keep the validated instance where the
+        # method finds it (the request's scope), so nothing has to validate or rebuild it a second time.
+        parsed = await super().from_http_request(request, serde)
+        request.scope.setdefault("state", {})[_PARSED] = parsed
+        return parsed
 
 
-def strict_api(route: str) -> Any:
-    """``@bentoml.api`` whose input model refuses unknown fields (BentoML's own ignores them silently)."""
+def _openapi30_bounds(node: Any) -> Any:
+    if isinstance(node, list):
+        return [_openapi30_bounds(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _openapi30_bounds(v) for k, v in node.items()}
+    for bound, plain in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        value = out.get(bound)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[plain], out[bound] = value, True
+    return out
 
-    def decorate(func: Any) -> Any:
-        spec = IODescriptor.from_input(func, skip_self=True, skip_names=("ctx",))
-        spec.model_config["extra"] = "forbid"
-        spec.model_rebuild(force=True)
-        return bentoml.api(route=route, input_spec=spec)(func)
 
-    return decorate
+def seed_request(ctx: bentoml.Context, fields: dict[str, Any]) -> GenerateRequest | dict[str, Any]:
+    """The request BentoML parsed over HTTP; for a direct call of the service method (no HTTP), its arguments,
+    which ``MedGemmaCore`` validates then."""
+    parsed = ctx.request.scope.get("state", {}).get(_PARSED)
+    return parsed if isinstance(parsed, GenerateRequest) else fields
 
 
 def setup_logging() -> None:

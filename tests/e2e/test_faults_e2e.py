@@ -228,7 +228,16 @@ def test_full_queue_answers_429_with_retry_after_and_every_accepted_request_comp
                 # long enough (seconds each on the tiny model) that the burst always finds the one slot and the
                 # one queue place taken, however fast the engine is
                 body = {"text": "busy", "max_new_tokens": 1000}
-                return await asyncio.gather(*(client.post(f"{srv.url}/{app}/v1/generate", json=body) for _ in range(8)))
+                first = asyncio.ensure_future(client.post(f"{srv.url}/{app}/v1/generate", json=body))
+                # The burst comes once the first request runs: sent together, all eight could reach the queue
+                # before the engine thread takes one from it, and then only one place would exist for them.
+                for _ in range(600):
+                    health = (await client.get(f"{srv.url}/{app}/v1/health")).json()
+                    if health.get("engine", {}).get("running") == 1:
+                        break
+                    await asyncio.sleep(0.05)
+                rest = [client.post(f"{srv.url}/{app}/v1/generate", json=body) for _ in range(7)]
+                return [await first, *await asyncio.gather(*rest)]
 
         responses = asyncio.run(burst())
     statuses = sorted(r.status_code for r in responses)

@@ -11,7 +11,7 @@ from PIL import Image
 
 from medgemma.config import Settings
 from medgemma.errors import BadRequest, ServiceError
-from medgemma.inputs import UploadedImage, decode_image, from_seed, image_options, sampling_params
+from medgemma.inputs import UploadedImage, decode_image, from_seed, image_options
 from medgemma.protocol import GenerationRequest, ImagePart, TextPart
 from medgemma.schemas import GenerateRequest, parse_model
 
@@ -161,13 +161,14 @@ def test_openai_style_image_url_part_with_a_data_uri():
 
 
 @pytest.mark.parametrize("url", ["https://example.org/x.png", "http://10.0.0.1/x.png"])
-def test_image_urls_are_never_fetched(url):
+def test_image_urls_are_not_fetched_unless_allow_listed(url):
+    # One policy (sources.image_url_value) for every API and field: the default allow-list is empty.
     exc = refused(chat(("user", [{"type": "image_url", "image_url": {"url": url}}])))
     assert exc.param == "messages[0].content[0]"
-    assert "not fetched" in exc.message
+    assert "not fetched unless" in exc.message and "MEDGEMMA_IMAGE_URL_DOMAINS" in exc.message
     exc = refused({"text": "q", "image": url})
     assert exc.param == "image"
-    assert "does not fetch" in exc.message
+    assert "not fetched unless" in exc.message
 
 
 # ------------------------------------------------------------------------------------------------ role rules
@@ -405,7 +406,7 @@ def test_do_sample_resolution(given, do_sample):
 
 def test_sampling_params_directly():
     req = parse_model(GenerateRequest, {"text": "q", "max_new_tokens": 7, "top_k": 3, "seed": 11})
-    params = sampling_params(req, SETTINGS, stop=("END",))
+    params = req.sampling_params(SETTINGS, max_new_tokens=req.max_new_tokens, stop=("END",))
     assert (params.max_new_tokens, params.top_k, params.seed) == (7, 3, 11)
     assert params.stop == ("END",)
     assert params.do_sample is True

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from medgemma import openai_api
+from medgemma import openai_api, sources
 from medgemma.config import Settings
 from medgemma.errors import BadRequest, NotFound, PayloadTooLarge, ServiceError
 from medgemma.protocol import GenerationRequest, GenerationResult, ImagePart, Message, SamplingParams, TextPart, Timings
@@ -42,7 +42,6 @@ def shape(req: GenerationRequest) -> list[tuple[str, list[str]]]:
     ("body", "words"),
     [
         ({"max_tokens": 5, "max_completion_tokens": 6}, "disagree"),
-        ({"messages": []}, "at least one message"),
         ({"temperature": 0, "top_p": 0.9}, "temperature 0"),
         ({"temperature": 0, "top_k": 5}, "temperature 0"),
         ({"stop": ""}, "must not be empty"),
@@ -75,10 +74,22 @@ def test_neutral_values_of_unimplemented_fields_are_accepted():
 
 def test_parameters_prefer_max_completion_tokens_and_carry_extensions():
     req = parse(max_completion_tokens=7, temperature=0.5, top_p=0.9, top_k=4, repetition_penalty=1.2, seed=3)
-    p = req.parameters()
+    p = req.engine_params(SETTINGS)
     assert (p.max_new_tokens, p.temperature, p.top_p, p.top_k, p.repetition_penalty, p.seed) == (7, 0.5, 0.9, 4, 1.2, 3)
-    assert parse(max_tokens=9).parameters().max_new_tokens == 9
-    assert parse().parameters().max_new_tokens is None  # the server default applies later
+    assert p.do_sample is True
+    assert parse(max_tokens=9).engine_params(SETTINGS).max_new_tokens == 9
+    assert parse().engine_params(SETTINGS).max_new_tokens == SETTINGS.default_max_new_tokens
+    assert parse(stop="END").engine_params(SETTINGS).stop == ("END",)
+    with pytest.raises(BadRequest) as err:  # the cap names the field this API calls it
+        parse(max_completion_tokens=SETTINGS.max_new_tokens_cap + 1).engine_params(SETTINGS)
+    assert err.value.param == "max_completion_tokens"
+
+
+def test_empty_messages_are_refused_by_the_one_conversation_check():
+    # Not a schema rule: inputs.check_conversation refuses it for every API, so it is written once.
+    with pytest.raises(BadRequest) as err:
+        convert(messages=[])
+    assert "at least one message" in err.value.message and err.value.param == "messages"
 
 
 @pytest.mark.parametrize(("stop", "expected"), [(None, ()), ("END", ("END",)), (["a", "b"], ("a", "b"))])
@@ -142,7 +153,7 @@ def test_sampling_rules_and_defaults_are_applied():
         ({"messages": [{"role": "user", "content": "hi", "name": "dr-x"}]}, 400, "messages[0].name"),
         ({"messages": [{"role": "user", "content": None}]}, 400, "messages[0].content"),
         ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "messages"),  # must end with the user
-        ({"max_tokens": SETTINGS.max_new_tokens_cap + 1}, 400, "max_new_tokens"),
+        ({"max_tokens": SETTINGS.max_new_tokens_cap + 1}, 400, "max_tokens"),  # the name this API uses
         ({"messages": [{"role": "user", "content": "x" * (SETTINGS.max_text_chars + 1)}]}, 413, "messages[0]"),
     ],
 )
@@ -168,10 +179,10 @@ def test_image_urls_need_an_allow_listed_domain_name():
     assert err.value.param == "messages[0].content[0]"
     by_ip = Settings(model="m", image_url_domains=("127.0.0.1",))
     with pytest.raises(BadRequest, match="not an IP address"):
-        openai_api.fetch_image("http://127.0.0.1:1/x.png", by_ip, "p")
+        sources.fetch_image("http://127.0.0.1:1/x.png", by_ip, "p")
     lookalike = Settings(model="m", image_url_domains=("example.org",))
     with pytest.raises(BadRequest, match="allow-listed"):
-        openai_api.fetch_image("https://evilexample.org/x.png", lookalike, "p")
+        sources.fetch_image("https://evilexample.org/x.png", lookalike, "p")
 
 
 # ------------------------------------------------------------------------------------------------ fetching URLs
@@ -225,7 +236,7 @@ def test_allow_listed_image_url_is_fetched_and_decoded(image_host):
     part = {"type": "image_url", "image_url": {"url": f"{image_host}/xray.png"}}
     req = convert(settings, messages=[{"role": "user", "content": [{"type": "text", "text": "?"}, part]}])
     assert req.images[0].info["source"] == "png"
-    fetched = openai_api.fetch_image(f"{image_host}/xray.png", settings, "p")
+    fetched = sources.fetch_image(f"{image_host}/xray.png", settings, "p")
     assert fetched.data == PNG and fetched.media_type == "image/png"
 
 
@@ -240,7 +251,7 @@ def test_allow_listed_image_url_is_fetched_and_decoded(image_host):
 def test_image_url_failures_are_client_errors(image_host, path, error, words):
     settings = Settings(model="m", image_url_domains=("localhost",), max_image_bytes=len(PNG) + 100)
     with pytest.raises(error) as err:
-        openai_api.fetch_image(image_host + path, settings, "messages[0].content[1]")
+        sources.fetch_image(image_host + path, settings, "messages[0].content[1]")
     assert words in err.value.message
     assert err.value.param == "messages[0].content[1]"
 
@@ -248,7 +259,7 @@ def test_image_url_failures_are_client_errors(image_host, path, error, words):
 def test_unreachable_image_url_is_a_400():
     settings = Settings(model="m", image_url_domains=("localhost",))
     with pytest.raises(BadRequest, match="could not be fetched"):
-        openai_api.fetch_image("http://localhost:1/x.png", settings, "p")
+        sources.fetch_image("http://localhost:1/x.png", settings, "p")
 
 
 # ------------------------------------------------------------------------------------------------ response shapes

@@ -1,5 +1,5 @@
-"""BentoML transport helpers: the exact JSON body for strict validation, strict API specs, status codes, logging
-setup and the SIGTERM drain. Real ``bentoml.Context`` objects around real starlette requests."""
+"""BentoML transport helpers: the seed input spec (one validation), status codes, logging setup and the SIGTERM
+drain. Real ``bentoml.Context`` objects around real starlette requests."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Any
 
 import bentoml
 import pytest
+from _bentoml_impl.serde import JSONSerde
 from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -21,8 +22,8 @@ from starlette.responses import JSONResponse
 from medgemma import transport
 from medgemma.config import Settings
 from medgemma.core import MedGemmaCore
-from medgemma.errors import BadRequest
 from medgemma.middleware import RedactRequestData
+from medgemma.schemas import GenerateRequest
 
 
 @contextlib.contextmanager
@@ -33,37 +34,42 @@ def context(state: dict[str, Any] | None = None) -> Iterator[bentoml.Context]:
         yield c
 
 
-def test_json_bodies_are_validated_as_sent_not_as_bentoml_coerced_them():
-    decoded = {"text": "q", "max_new_tokens": 200}  # what BentoML made of "200"
-    with context({"json_body": b'{"text": "q", "max_new_tokens": "200"}'}) as ctx:
-        assert asyncio.run(transport.seed_payload(ctx, decoded)) == {"text": "q", "max_new_tokens": "200"}
-    with context({"json_body": b"   "}) as ctx:  # an empty body: validation then says what is missing
-        assert asyncio.run(transport.seed_payload(ctx, decoded)) == {}
-    with context({"json_body": b"[1]"}) as ctx, pytest.raises(BadRequest, match="JSON object"):
-        asyncio.run(transport.seed_payload(ctx, decoded))
+def test_the_seed_input_spec_is_the_seed_schema_so_bentoml_validates_once():
+    # JSON bodies: strict types ("200" is no int), unknown fields and the seed's own rules, in BentoML's parse.
+    req = transport.SeedInput.model_validate_json(b'{"text": "q", "max_new_tokens": 200, "temperature": 1}')
+    assert isinstance(req, GenerateRequest) and req.max_new_tokens == 200 and req.temperature == 1
+    for body, kind in [
+        (b'{"text": "q", "max_new_tokens": "200"}', "int_type"),
+        (b'{"text": "q", "max_tokens": 5}', "extra_forbidden"),
+        (b'{"text": "q", "temperature": 0, "top_k": 3}', "value_error"),
+        (b"{}", "value_error"),  # neither text nor messages
+    ]:
+        with pytest.raises(ValidationError) as err:
+            transport.SeedInput.model_validate_json(body)
+        assert err.value.errors()[0]["type"] == kind, body
+    # The image fields are files to BentoML (multipart uploads), and nothing else is.
+    assert sorted(transport.SeedInput.multipart_fields) == ["image", "images"]
+    # Forms arrive JSON-decoded field by field (BentoML's MultipartSerde), then meet the same strict schema.
+    form = transport.SeedInput.model_validate(
+        {"text": "q", "max_new_tokens": 3, "window": {"center": 40, "width": 400}}
+    )
+    assert form.window is not None and form.window.width == 400
 
 
-def test_forms_use_bentoml_decoding_without_the_default_stream_flag():
-    with context() as ctx:  # no json_body: a multipart form
-        payload = asyncio.run(transport.seed_payload(ctx, {"text": "q", "stream": False, "top_k": 3}))
-    assert payload == {"text": "q", "top_k": 3}
-    with context() as ctx:
-        assert asyncio.run(transport.seed_payload(ctx, {"text": "q", "stream": True}))["stream"] is True
+def test_the_request_bentoml_parsed_reaches_the_method_without_a_second_validation():
+    body = b'{"text": "q", "stream": true, "top_k": 3}'
+    scope = {"type": "http", "method": "POST", "path": "/x/v1/generate", "headers": [], "state": {}}
 
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
 
-def test_strict_api_refuses_unknown_fields():
-    class Svc:
-        @transport.strict_api("/x/v1/echo")
-        def echo(self, ctx: bentoml.Context, text: str, max_new_tokens: int | None = None) -> dict:
-            return {}
-
-    spec = Svc.echo.input_spec
-    assert spec.model_validate({"text": "a", "max_new_tokens": 3}).max_new_tokens == 3
-    with pytest.raises(ValidationError) as err:
-        spec.model_validate({"text": "a", "max_tokens": 3})
-    assert err.value.errors()[0]["type"] == "extra_forbidden"
-    assert Svc.echo.route == "/x/v1/echo"
-    assert "ctx" not in spec.model_fields
+    parsed = asyncio.run(transport.SeedInput.from_http_request(Request(scope, receive), JSONSerde()))
+    assert parsed.stream is True and parsed.top_k == 3
+    ctx = bentoml.Context()
+    with ctx.in_request(Request(scope)) as c:
+        assert transport.seed_request(c, dict(parsed)) is parsed  # the same object: not rebuilt, not revalidated
+    with context() as c:  # a direct call of the service method: its arguments, for MedGemmaCore to validate
+        assert transport.seed_request(c, {"text": "q"}) == {"text": "q"}
 
 
 def test_respond_keeps_bentoml_status_equal_to_the_response():
