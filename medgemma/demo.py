@@ -8,9 +8,10 @@ checkpoints with random weights and a small hand-made tokenizer, in the real che
 they load through the ``Auto*`` classes offline and without ``trust_remote_code``.
 
 Two sizes: ``tiny`` (under 0.5 MB, for the test suite) and ``small`` (~31M parameters, for CPU benchmarks
-whose per-token cost is tensor work rather than Python overhead). Their output is meaningless text: the
-README written next to the weights says so, and the ``medgemma_demo`` key in config.json lets the service
-tell a demo from a real model (see :func:`is_demo_checkpoint`).
+whose per-token cost is tensor work rather than Python overhead), defined in :mod:`medgemma.demo_sizes` with
+the config built from them and the real MedGemma dimensions (which ``scripts/gpu_check.py`` builds). Their
+output is meaningless text: the README written next to the weights says so, and the ``medgemma_demo`` key in
+config.json lets the service tell a demo from a real model (see :func:`is_demo_checkpoint`).
 
 CLI: ``python -m medgemma.demo --kind vlm --size tiny [--out DIR]`` prints the checkpoint path, alone, on
 stdout, so that scripts can do ``MEDGEMMA_MODEL=$(python -m medgemma.demo)``; logging goes to stderr.
@@ -33,11 +34,11 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 from medgemma.chat_template import CHAT_TEMPLATE
+from medgemma.demo_sizes import DEMO_SIZES, END_OF_TURN, Kind, Size, model_config
 
 if TYPE_CHECKING:
     from transformers import GemmaTokenizer, PreTrainedModel
@@ -49,8 +50,6 @@ DEMO_FORMAT = 1
 DEMO_CONFIG_KEY = "medgemma_demo"
 """Extra config.json key (also in the VLM's text_config): ``{"size": ..., "kind": ..., "seed": ...}``."""
 
-Kind = Literal["vlm", "text"]
-Size = Literal["tiny", "small"]
 KINDS: tuple[Kind, ...] = get_args(Kind)
 SIZES: tuple[Size, ...] = get_args(Size)
 
@@ -64,7 +63,7 @@ DEMO_DIR_ENV = "MEDGEMMA_DEMO_DIR"
 # 262144) in a 1024-token vocabulary; they come next, and the config carries them, which is what the model
 # reads.
 PAD, EOS, BOS, UNK, MASK = "<pad>", "<eos>", "<bos>", "<unk>", "<mask>"
-START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
+START_OF_TURN = "<start_of_turn>"  # END_OF_TURN: from medgemma.demo_sizes, which needs it too
 BOI, EOI, IMAGE_SOFT = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
 SPACE = "\u2581"  # "▁": GemmaTokenizer's normalizer turns " " into it, its decoder turns it back
 _N_UNUSED = 99  # <unused0>..<unused98>; the 27B model's "thinking" is delimited by <unused94>/<unused95>
@@ -97,107 +96,6 @@ _BARE_WORDS = ("user", "model", "system")  # follow "<start_of_turn>" directly, 
 # dashes, curly quotes, ellipsis); other characters use byte tokens.
 _EXTRA_CHARS = "\u00b0\u00b1\u00b5\u00d7\u00f7\u00e9\u2013\u2014\u2019\u201c\u201d\u2026"
 
-
-@dataclass(frozen=True)
-class _SizeSpec:
-    """Dimensions of one demo size (shared/notes/gemma3-offline.md lists the ones that must agree)."""
-
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    sliding_window: int
-    sliding_window_pattern: int  # every Nth layer is global, the others local (Gemma 3: 6, i.e. 5:1)
-    max_position_embeddings: int
-    vision_hidden_size: int
-    vision_intermediate_size: int
-    vision_num_hidden_layers: int
-    vision_num_attention_heads: int
-    image_size: int
-    patch_size: int
-    mm_tokens_per_image: int
-    initializer_range: float  # see the measurements above _SIZES
-
-    def layer_types(self) -> list[str]:
-        """Explicit ``layer_types``, what transformers 5.x reads instead of ``sliding_window_pattern``."""
-        return [
-            "full_attention" if (i + 1) % self.sliding_window_pattern == 0 else "sliding_attention"
-            for i in range(self.num_hidden_layers)
-        ]
-
-    def check(self) -> None:
-        """Fail early and readably on mismatches that Gemma 3 would only hit in its first forward pass."""
-        side = round(self.mm_tokens_per_image**0.5)
-        if side * side != self.mm_tokens_per_image:
-            raise ValueError(f"mm_tokens_per_image={self.mm_tokens_per_image} must be a perfect square")
-        if self.image_size % self.patch_size or (self.image_size // self.patch_size) % side:
-            raise ValueError(
-                f"image_size / patch_size = {self.image_size} / {self.patch_size} must be a whole number "
-                f"of patches, divisible by sqrt(mm_tokens_per_image) = {side}"
-            )
-        if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError("hidden_size must divide by the heads, and the heads by the KV heads")
-        if self.vision_hidden_size % self.vision_num_attention_heads:
-            raise ValueError("vision_hidden_size must divide by vision_num_attention_heads")
-
-
-# initializer_range. Gemma 3's sandwich norms (q/k norms, post-attention and post-MLP norms) make each
-# layer's contribution to the residual stream about unit RMS whatever the weight scale, so what the range
-# really sets is the RMS of the scaled token embedding, range * sqrt(hidden), against those contributions;
-# with tied embeddings the same number is the logits' standard deviation. Measured on 8 chat prompts x 16
-# greedy steps, fp32 (gap = top-1 minus top-2 logit; noise = batched-vs-single logit difference):
-#   tiny  0.02 (the default): gap median 0.027, 5th percentile 0.0023, min 2.1e-4; noise 1.5e-7
-#   tiny  0.1:                gap median 0.37, p5 0.029, min 4.2e-3; noise 7e-7; 8/8 distinct outputs
-#   tiny  0.2:                gap median 0.94, p5 0.068, min 4.3e-3; 7/8 distinct, fewer distinct tokens
-#   tiny  0.5, small 0.05:    gaps of 2.7 to 6 (min 1.3 to 4.9), but the embedding swamps the residual
-#                             stream and the model repeats one token whatever the prompt (1 distinct
-#                             output of 8): useless for tests that check each request gets its own answer
-#   small 0.02 (the default): gap median 0.40, p5 0.078, min 0.025; noise 1.2e-6; 7/8 distinct outputs
-# Hence range * sqrt(hidden) of about 0.4 to 0.6: tiny 0.1, small 0.02. Logits stay finite (|logit| < 3).
-_SIZES: dict[Size, _SizeSpec] = {
-    # The notes' known-working set; builds in well under a second, 0.4 MB on disk.
-    "tiny": _SizeSpec(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        sliding_window=64,  # short, so that test prompts plus generation cross it
-        sliding_window_pattern=2,  # [sliding, full]
-        max_position_embeddings=32_768,
-        vision_hidden_size=32,
-        vision_intermediate_size=64,
-        vision_num_hidden_layers=1,
-        vision_num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-        mm_tokens_per_image=4,
-        initializer_range=0.1,
-    ),
-    # ~31M parameters (vlm; 23M text): big enough that a CPU benchmark measures tensor work.
-    "small": _SizeSpec(
-        hidden_size=384,
-        intermediate_size=3072,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        sliding_window=512,
-        sliding_window_pattern=6,  # 5 local : 1 global, as in Gemma 3
-        max_position_embeddings=32_768,
-        vision_hidden_size=384,
-        vision_intermediate_size=1536,
-        vision_num_hidden_layers=4,
-        vision_num_attention_heads=6,
-        image_size=224,
-        patch_size=14,
-        mm_tokens_per_image=64,
-        initializer_range=0.02,
-    ),
-}
 
 # The Gemma 3 chat template, to the rules in shared/notes/gemma3-offline.md, and equal to Google's on every
 # conversation Google's accepts: <bos>; each turn <start_of_turn>{role}\n...<end_of_turn>\n; "assistant" is
@@ -302,7 +200,7 @@ def build_checkpoint(path: str | Path, *, kind: Kind = "vlm", size: Size = "tiny
     import torch
     from transformers import GenerationConfig
 
-    spec = _SIZES[size]
+    spec = DEMO_SIZES[size]
     spec.check()
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -311,7 +209,7 @@ def build_checkpoint(path: str | Path, *, kind: Kind = "vlm", size: Size = "tiny
 
     tokenizer = build_tokenizer()
     demo_info = {"size": size, "kind": kind, "seed": seed, "format": DEMO_FORMAT}
-    config = _model_config(kind, spec, tokenizer, demo_info)
+    config = model_config(kind, spec, tokenizer, extra={DEMO_CONFIG_KEY: demo_info})
     with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = _instantiate(kind, config)
@@ -384,7 +282,7 @@ def build_tokenizer() -> GemmaTokenizer:
         add_bos_token=True,
         add_eos_token=False,
         padding_side="left",  # decoder-only generation pads on the left
-        model_max_length=_SIZES["small"].max_position_embeddings,
+        model_max_length=DEMO_SIZES["small"].max_position_embeddings,
         chat_template=CHAT_TEMPLATE,
     )
     # These ids are in the vocabulary already; registering them as added tokens keeps them whole in any text
@@ -445,62 +343,6 @@ def _train_bpe(corpus: Mapping[str, int], n_merges: int) -> list[tuple[str, str]
                     symbols[i : i + 2] = [best[0] + best[1]]
                 i += 1
     return merges
-
-
-def _model_config(kind: Kind, spec: _SizeSpec, tokenizer: GemmaTokenizer, demo_info: dict[str, Any]) -> Any:
-    """Gemma3TextConfig (text), or Gemma3Config with a SigLIP vision config (vlm); ids from the tokenizer."""
-    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
-
-    tid = tokenizer.convert_tokens_to_ids
-    text_config = Gemma3TextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_hidden_layers,
-        num_attention_heads=spec.num_attention_heads,
-        num_key_value_heads=spec.num_key_value_heads,
-        head_dim=spec.head_dim,
-        query_pre_attn_scalar=spec.head_dim,  # as in the 4B model (256 = head_dim)
-        sliding_window=spec.sliding_window,
-        layer_types=spec.layer_types(),
-        # Legacy field: without it the saved config says "_sliding_window_pattern": 6, whatever layer_types.
-        sliding_window_pattern=spec.sliding_window_pattern,
-        max_position_embeddings=spec.max_position_embeddings,
-        initializer_range=spec.initializer_range,
-        pad_token_id=tid(PAD),
-        bos_token_id=tid(BOS),
-        eos_token_id=[tid(EOS), tid(END_OF_TURN)],  # without <end_of_turn>, generation never stops at a turn
-        tie_word_embeddings=True,
-        dtype="float32",
-        **{DEMO_CONFIG_KEY: dict(demo_info)},  # extra kwargs are kept, saved and reloaded as attributes
-    )
-    if kind == "text":
-        text_config.architectures = ["Gemma3ForCausalLM"]
-        return text_config
-    vision_config = SiglipVisionConfig(
-        hidden_size=spec.vision_hidden_size,
-        intermediate_size=spec.vision_intermediate_size,
-        num_hidden_layers=spec.vision_num_hidden_layers,
-        num_attention_heads=spec.vision_num_attention_heads,
-        image_size=spec.image_size,
-        patch_size=spec.patch_size,
-        vision_use_head=False,  # Gemma 3 pools the patch embeddings itself
-        layer_norm_eps=1e-6,
-    )
-    config = Gemma3Config(
-        text_config=text_config,
-        vision_config=vision_config,
-        mm_tokens_per_image=spec.mm_tokens_per_image,
-        boi_token_index=tid(BOI),
-        eoi_token_index=tid(EOI),
-        image_token_index=tid(IMAGE_SOFT),
-        initializer_range=spec.initializer_range,
-        tie_word_embeddings=True,
-        dtype="float32",
-        **{DEMO_CONFIG_KEY: dict(demo_info)},
-    )
-    config.architectures = ["Gemma3ForConditionalGeneration"]
-    return config
 
 
 def _instantiate(kind: Kind, config: Any) -> PreTrainedModel:

@@ -14,7 +14,8 @@ is skipped when less than 240 s remain):
 
 1. builds ``Gemma3ForConditionalGeneration`` with medgemma-4b-it's shapes directly on the GPU in bf16 (random
    weights, nothing written to disk), with the demo tokenizer and a ``Gemma3Processor`` sized like the real one
-   (896x896 images, 256 soft tokens per image);
+   (896x896 images, 256 soft tokens per image); the shapes and the config are the demo builder's
+   (``medgemma.demo_sizes``: ``MEDGEMMA_SIZES`` and ``model_config``);
 2. wraps it in ``medgemma.engine.Engine`` (no BentoML needed) and measures one request alone (batch 1) and 16
    requests submitted together; then one image+text request;
 3. prints tok/s, ms/token and the ratio to the memory-bandwidth bound: at batch 1 every decoded token reads all
@@ -27,7 +28,7 @@ is skipped when less than 240 s remain):
 
 Needs: torch, transformers (>= 5.0; 5.17 and 5.24 checked on CPU), its tokenizers, Pillow and numpy. Not
 needed: bentoml, psutil, pydicom, PyYAML, torchvision, network. ``medgemma/{engine,loader,protocol,config,errors,
-demo}.py`` import only the standard library, torch, transformers and Pillow.
+demo,demo_sizes}.py`` import only the standard library, torch, transformers and Pillow.
 
 Exit code 0 when every stage that ran succeeded (stages skipped for lack of time are not failures), 1 when a stage
 failed, 2 when no GPU is visible and ``--cpu-smoke`` was not given. The last line printed is ``RESULT {json}``.
@@ -48,7 +49,10 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from medgemma.demo_sizes import SizeSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -62,126 +66,55 @@ def say(msg: str) -> None:
     print(f"[{time.monotonic() - T0:6.1f}s] {msg}", flush=True)
 
 
-# --- shapes -----------------------------------------------------------------------------------------------------------
+# --- sizes ------------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Shape:
-    name: str
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    query_pre_attn_scalar: int
-    vocab: int
-    sliding_window: int
-    global_every: int  # every Nth layer is global (Gemma 3: 6, i.e. 5 local : 1 global)
-    v_hidden: int
-    v_intermediate: int
-    v_layers: int
-    v_heads: int
-    image_size: int
-    patch_size: int
-    mm_tokens: int
-    max_positions: int = 131_072
+def model_sizes(cpu_smoke: bool) -> dict[str, tuple[str, SizeSpec]]:
+    """The two models of a run, by stage key: (name, dimensions), from the demo builder's ``SizeSpec``.
 
+    The real ones are ``medgemma.demo_sizes.MEDGEMMA_SIZES`` (medgemma-4b-it and medgemma-27b-it as in Google's
+    config.json); ``--cpu-smoke`` runs the same code path on two tiny "models", so that the 27B stage runs too.
+    """
+    from dataclasses import replace
 
-# Real medgemma-4b-it / medgemma-27b-it dimensions (shared/notes/gemma3-offline.md, Google's config.json):
-# SigLIP so400m vision tower (1152 hidden, 27 layers, 16 heads, 896 px, patch 14) pooled to 256 tokens.
-_SIGLIP = {
-    "v_hidden": 1152,
-    "v_intermediate": 4304,
-    "v_layers": 27,
-    "v_heads": 16,
-    "image_size": 896,
-    "patch_size": 14,
-    "mm_tokens": 256,
-}
-SHAPES: dict[str, Shape] = {
-    "4b": Shape(
-        "medgemma-4b-it",
-        hidden=2560,
-        intermediate=10240,
-        layers=34,
-        heads=8,
-        kv_heads=4,
-        head_dim=256,
-        query_pre_attn_scalar=256,
-        vocab=262_208,
-        sliding_window=1024,
-        global_every=6,
-        **_SIGLIP,
-    ),
-    "27b": Shape(
-        "medgemma-27b-it",
-        hidden=5376,
-        intermediate=21504,
-        layers=62,
-        heads=32,
-        kv_heads=16,
-        head_dim=128,
-        query_pre_attn_scalar=168,
-        vocab=262_208,
-        sliding_window=1024,
-        global_every=6,
-        **_SIGLIP,
-    ),
-}
-# --cpu-smoke: same code path, tiny dimensions (two "models" so that the 27B stage runs too).
-_TINY_VISION = {
-    "v_hidden": 32,
-    "v_intermediate": 64,
-    "v_layers": 1,
-    "v_heads": 2,
-    "image_size": 32,
-    "patch_size": 8,
-    "mm_tokens": 4,
-}
-SMOKE_SHAPES: dict[str, Shape] = {
-    "4b": Shape(
-        "tiny-4b-like",
-        hidden=64,
-        intermediate=128,
-        layers=6,
-        heads=4,
-        kv_heads=2,
+    from medgemma.demo_sizes import MEDGEMMA_SIZES, SizeSpec
+
+    if not cpu_smoke:
+        return {"4b": ("medgemma-4b-it", MEDGEMMA_SIZES["4b"]), "27b": ("medgemma-27b-it", MEDGEMMA_SIZES["27b"])}
+    tiny_4b = SizeSpec(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
         head_dim=16,
         query_pre_attn_scalar=16,
-        vocab=4096,
+        vocab_size=4096,
         sliding_window=64,
-        global_every=6,
-        max_positions=8192,
-        **_TINY_VISION,
-    ),
-    "27b": Shape(
-        "tiny-27b-like",
-        hidden=96,
-        intermediate=192,
-        layers=6,
-        heads=4,
-        kv_heads=2,
-        head_dim=24,
-        query_pre_attn_scalar=20,
-        vocab=4096,
-        sliding_window=64,
-        global_every=6,
-        max_positions=8192,
-        **_TINY_VISION,
-    ),
-}
+        sliding_window_pattern=6,
+        max_position_embeddings=8192,
+        vision_hidden_size=32,
+        vision_intermediate_size=64,
+        vision_num_hidden_layers=1,
+        vision_num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        mm_tokens_per_image=4,
+    )
+    # Like the 27B, a query_pre_attn_scalar other than head_dim.
+    tiny_27b = replace(tiny_4b, hidden_size=96, intermediate_size=192, head_dim=24, query_pre_attn_scalar=20)
+    return {"4b": ("tiny-4b-like", tiny_4b), "27b": ("tiny-27b-like", tiny_27b)}
 
 
 # --- building the model -----------------------------------------------------------------------------------------------
 
 
-def build_tokenizer_and_processor(shape: Shape) -> tuple[Any, Any, dict[str, int]]:
-    """The demo tokenizer (1024 ids, real special-token layout) and a Gemma3Processor sized like ``shape``."""
+def build_tokenizer_and_processor(spec: SizeSpec) -> tuple[Any, Any, dict[str, int]]:
+    """The demo tokenizer (1024 ids, real special-token layout) and a Gemma3Processor sized like ``spec``."""
     from medgemma import demo
 
     tokenizer = demo.build_tokenizer()
-    processor = demo.build_processor(tokenizer, image_size=shape.image_size, tokens_per_image=shape.mm_tokens)
+    processor = demo.build_processor(tokenizer, image_size=spec.image_size, tokens_per_image=spec.mm_tokens_per_image)
     tid = tokenizer.convert_tokens_to_ids
     ids = {
         "pad": tid(demo.PAD),
@@ -195,59 +128,20 @@ def build_tokenizer_and_processor(shape: Shape) -> tuple[Any, Any, dict[str, int
     return tokenizer, processor, ids
 
 
-def build_config(shape: Shape, ids: dict[str, int]) -> Any:
-    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
+def build_config(spec: SizeSpec, tokenizer: Any, dtype: Any) -> Any:
+    """The demo builder's Gemma3Config for ``spec``; the demo tokenizer's image-token ids stand in for the real ones."""
+    from medgemma.demo_sizes import model_config
 
-    layer_types = [
-        "full_attention" if (i + 1) % shape.global_every == 0 else "sliding_attention" for i in range(shape.layers)
-    ]
-    text = Gemma3TextConfig(
-        vocab_size=shape.vocab,
-        hidden_size=shape.hidden,
-        intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads,
-        num_key_value_heads=shape.kv_heads,
-        head_dim=shape.head_dim,
-        query_pre_attn_scalar=shape.query_pre_attn_scalar,
-        sliding_window=shape.sliding_window,
-        layer_types=layer_types,
-        max_position_embeddings=shape.max_positions,
-        pad_token_id=ids["pad"],
-        bos_token_id=ids["bos"],
-        eos_token_id=[ids["eos"], ids["eot"]],
-        tie_word_embeddings=True,
-    )
-    vision = SiglipVisionConfig(
-        hidden_size=shape.v_hidden,
-        intermediate_size=shape.v_intermediate,
-        num_hidden_layers=shape.v_layers,
-        num_attention_heads=shape.v_heads,
-        image_size=shape.image_size,
-        patch_size=shape.patch_size,
-        vision_use_head=False,
-        layer_norm_eps=1e-6,
-    )
-    # The demo tokenizer's image-token ids stand in for the real 255999 / 256000 / 262144 (same roles).
-    config = Gemma3Config(
-        text_config=text,
-        vision_config=vision,
-        mm_tokens_per_image=shape.mm_tokens,
-        boi_token_index=ids["boi"],
-        eoi_token_index=ids["eoi"],
-        image_token_index=ids["image"],
-        tie_word_embeddings=True,
-    )
-    config.architectures = ["Gemma3ForConditionalGeneration"]
-    return config
+    spec.check()
+    return model_config("vlm", spec, tokenizer, dtype=str(dtype).removeprefix("torch."))
 
 
-def build_model(shape: Shape, device: str, dtype: Any) -> tuple[Any, Any, Any, dict[str, int], float]:
+def build_model(spec: SizeSpec, device: str, dtype: Any) -> tuple[Any, Any, Any, dict[str, int], float]:
     import torch
     from transformers import Gemma3ForConditionalGeneration
 
-    tokenizer, processor, ids = build_tokenizer_and_processor(shape)
-    config = build_config(shape, ids)
+    tokenizer, processor, ids = build_tokenizer_and_processor(spec)
+    config = build_config(spec, tokenizer, dtype)
     t = time.monotonic()
     with torch.device(device):
         model = Gemma3ForConditionalGeneration._from_config(config, dtype=dtype)
@@ -441,7 +335,7 @@ class StageResult:
     seconds: float = 0.0
 
 
-def run_stage(key: str, shape: Shape, args: argparse.Namespace, deadline: float) -> StageResult:
+def run_stage(key: str, name: str, spec: SizeSpec, args: argparse.Namespace, deadline: float) -> StageResult:
     import torch
 
     cuda = not args.cpu_smoke
@@ -456,16 +350,17 @@ def run_stage(key: str, shape: Shape, args: argparse.Namespace, deadline: float)
         return deadline - time.monotonic()
 
     started = time.monotonic()
-    res = StageResult(shape=shape.name, status="ok")
+    res = StageResult(shape=name, status="ok")
     engine = model = None
     try:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         say(
-            f"[{key}] building {shape.name} on {device} ({dtype}): hidden {shape.hidden}, {shape.layers} layers, "
-            f"{shape.heads}/{shape.kv_heads} heads x {shape.head_dim}, vocab {shape.vocab}"
+            f"[{key}] building {name} on {device} ({dtype}): hidden {spec.hidden_size}, {spec.num_hidden_layers} "
+            f"layers, {spec.num_attention_heads}/{spec.num_key_value_heads} heads x {spec.head_dim}, vocab "
+            f"{spec.vocab_size or 'of the tokenizer'}"
         )
-        model, tokenizer, processor, _ids, res.build_s = build_model(shape, device, dtype)
+        model, tokenizer, processor, _ids, res.build_s = build_model(spec, device, dtype)
         wb = weight_bytes(model)
         res.params, res.weight_bytes_total, res.weight_bytes_decode = (
             wb["params"],
@@ -532,17 +427,20 @@ def run_stage(key: str, shape: Shape, args: argparse.Namespace, deadline: float)
 
         if left() < 15:
             raise TimeoutError("time budget spent before the image request")
-        say(f"[{key}] one image+text request (512x512 image -> {shape.image_size}px, {shape.mm_tokens} image tokens)")
+        say(
+            f"[{key}] one image+text request (512x512 image -> {spec.image_size}px, {spec.mm_tokens_per_image} "
+            "image tokens)"
+        )
         img = run_requests(engine, 1, min(n_new, 64), image=test_image(), timeout=max(left(), 1), sync=sync)
         res.runs["image1"] = asdict(img)
         say(
             f"[{key}] image+text: {img.input_tokens[0]} input tokens, TTFT {img.ttft_s_mean or 0:.3f} s, "
             f"{img.output_tokens} tokens in {img.wall_s:.2f} s ({img.tok_per_s:.1f} tok/s)"
         )
-        if img.input_tokens[0] < batch1["input_tokens"] + shape.mm_tokens:
+        if img.input_tokens[0] < batch1["input_tokens"] + spec.mm_tokens_per_image:
             raise RuntimeError(
-                f"the image request has {img.input_tokens[0]} input tokens: the {shape.mm_tokens} image tokens are "
-                f"missing (text alone: {batch1['input_tokens']})"
+                f"the image request has {img.input_tokens[0]} input tokens: the {spec.mm_tokens_per_image} image "
+                f"tokens are missing (text alone: {batch1['input_tokens']})"
             )
         if left() > 60:
             n_long = 512 if args.cpu_smoke else 8192
@@ -585,14 +483,15 @@ def check_real_shapes() -> dict[str, Any]:
     from transformers import Gemma3ForConditionalGeneration
 
     out: dict[str, Any] = {}
-    for key, shape in SHAPES.items():
-        _tok, _proc, ids = build_tokenizer_and_processor(shape)
+    for key, (name, spec) in model_sizes(cpu_smoke=False).items():
+        tokenizer, _proc, _ids = build_tokenizer_and_processor(spec)
         with torch.device("meta"):
-            model = Gemma3ForConditionalGeneration._from_config(build_config(shape, ids), dtype=torch.bfloat16)
+            config = build_config(spec, tokenizer, torch.bfloat16)
+            model = Gemma3ForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
         wb = weight_bytes(model)
         out[key] = {**wb, "bound_tok_s_batch1": BANDWIDTH_BYTES_PER_S / wb["decode_bytes"]}
         say(
-            f"[meta] {shape.name}: {wb['params'] / 1e9:.3f} B params, {wb['total_bytes'] / 1e9:.2f} GB bf16, "
+            f"[meta] {name}: {wb['params'] / 1e9:.3f} B params, {wb['total_bytes'] / 1e9:.2f} GB bf16, "
             f"{wb['decode_bytes'] / 1e9:.2f} GB read per decode step -> bound {out[key]['bound_tok_s_batch1']:.0f} "
             "tok/s at batch 1 on an H200"
         )
@@ -684,7 +583,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cpu_smoke:
         torch.manual_seed(0)
     torch.set_grad_enabled(False)
-    shapes = SMOKE_SHAPES if args.cpu_smoke else SHAPES
+    models = model_sizes(args.cpu_smoke)
 
     if args.cpu_smoke:
         summary["real_shapes"] = check_real_shapes()
@@ -693,16 +592,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key in ("4b", "27b"):
         remaining = deadline - time.monotonic()
         if key == "27b" and args.skip_27b:
-            stages.append(StageResult(shapes[key].name, "skipped", "--skip-27b"))
+            stages.append(StageResult(models[key][0], "skipped", "--skip-27b"))
             continue
         if key == "27b" and stages and stages[0].status == "failed":
-            stages.append(StageResult(shapes[key].name, "skipped", "the 4B stage failed"))
+            stages.append(StageResult(models[key][0], "skipped", "the 4B stage failed"))
             continue
         if key == "27b" and remaining < args.min_27b_s:
-            stages.append(StageResult(shapes[key].name, "skipped", f"only {remaining:.0f} s of budget left"))
+            stages.append(StageResult(models[key][0], "skipped", f"only {remaining:.0f} s of budget left"))
             say(f"[27b] skipped: only {remaining:.0f} s left (needs {args.min_27b_s:.0f})")
             continue
-        stages.append(run_stage(key, shapes[key], args, deadline))
+        stages.append(run_stage(key, *models[key], args, deadline))
         summary["stages"] = [asdict(s) for s in stages]
 
     summary["stages"] = [asdict(s) for s in stages]

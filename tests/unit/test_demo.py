@@ -29,7 +29,7 @@ from transformers import (
     Gemma3TextConfig,
 )
 
-from medgemma import demo
+from medgemma import demo, demo_sizes
 
 SYSTEM_USER_IMAGE = [
     {"role": "system", "content": "You are an expert radiologist. "},
@@ -500,21 +500,34 @@ def test_cli_uses_ensure_checkpoint_by_default(
 
 
 def test_size_specs_are_consistent() -> None:
-    for spec in demo._SIZES.values():
+    for spec in demo_sizes.DEMO_SIZES.values():
         spec.check()
         types = spec.layer_types()
         assert "full_attention" in types
         assert "sliding_attention" in types
-    small = demo._SIZES["small"]
+    small = demo_sizes.DEMO_SIZES["small"]
     assert (small.image_size, small.patch_size, small.mm_tokens_per_image) == (224, 14, 64)
     assert small.layer_types() == ["sliding_attention"] * 5 + ["full_attention"]
 
 
+def test_real_medgemma_sizes_make_configs_with_their_own_vocabulary_and_scalar() -> None:
+    """The real dimensions (what scripts/gpu_check.py builds) pass check() and reach the config as they are."""
+    tokenizer = demo.build_tokenizer()
+    for key, spec in demo_sizes.MEDGEMMA_SIZES.items():
+        spec.check()
+        text = demo_sizes.model_config("vlm", spec, tokenizer, dtype="bfloat16").get_text_config()
+        assert text.vocab_size == 262_208 != len(tokenizer)
+        assert text.query_pre_attn_scalar == {"4b": 256, "27b": 168}[key]
+        assert text.layer_types.count("full_attention") == spec.num_hidden_layers // 6
+        assert text.eos_token_id == [1, 106]
+        assert not demo.is_demo_checkpoint(text)
+
+
 def test_small_vlm_runs_an_image_in_memory() -> None:
     """The small dimensions agree end to end (projector pooling, image tokens), without 120 MB on disk."""
-    spec = demo._SIZES["small"]
+    spec = demo_sizes.DEMO_SIZES["small"]
     tokenizer = demo.build_tokenizer()
-    config = demo._model_config("vlm", spec, tokenizer, {"size": "small", "kind": "vlm", "seed": 0})
+    config = demo_sizes.model_config("vlm", spec, tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = demo._instantiate("vlm", config)
