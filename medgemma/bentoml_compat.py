@@ -12,6 +12,11 @@ Why each one (all verified against bentoml 1.4.40's ``_bentoml_impl/serde.py`` a
 3. A data URI sent as a form value (``curl -F image=data:image/png;base64,...``) is accepted, like in JSON.
 4. **Broken forms are a 400.** BentoML's form parsing lets starlette's "missing boundary"/"invalid multipart" and a
    binary file in a text field (a UnicodeDecodeError) escape as 500s; they become ``BadInput`` (400).
+6. **No tracing span per streamed chunk.** BentoML wraps every app in OpenTelemetry's ASGI middleware, which by
+   default opens a span for each ``send`` and ``receive`` message. A streamed answer sends one message per token,
+   and those spans were more than half of the event loop's work per token (py-spy, c=1 streaming, small demo
+   model), taking CPU from the engine on the same machine. The request's own span, and the trace ids in the logs,
+   stay; only the per-message child spans go (``exclude_spans``, a documented option of the middleware).
 5. **Traffic answers in this service's error shape.** BentoML's timeout (504) and max-concurrency (429) middlewares
    sit outside any middleware a service can add, and answer ``{"error": ...}`` — the 429 without ``Retry-After``.
    Their responses are built here instead: ``{"status": "error", "error": ...}``, with ``Retry-After`` on the 429.
@@ -111,6 +116,15 @@ def apply() -> None:
                 "a form field that takes text or JSON received binary data (is a file in the wrong field?)"
             ) from None
 
+    from opentelemetry.instrumentation import asgi as otel_asgi
+
+    class OpenTelemetryMiddleware(otel_asgi.OpenTelemetryMiddleware):  # type: ignore[misc]
+        def __init__(self, app: Any, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("exclude_spans", ["receive", "send"])
+            super().__init__(app, *args, **kwargs)
+
+    # BentoML imports the class from the module when it builds its middleware stack, after this ran.
+    otel_asgi.OpenTelemetryMiddleware = OpenTelemetryMiddleware  # type: ignore[misc]
     serde.MultipartSerde.parse_request = parse_request  # type: ignore[method-assign]
     validators.PILImageEncoder.decode = decode  # type: ignore[method-assign]
     serde.MultipartSerde.ensure_file = staticmethod(ensure_file)  # type: ignore[method-assign,assignment]

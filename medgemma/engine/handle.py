@@ -84,7 +84,18 @@ class RequestHandle:
                 item = await self._aq.get()
                 if item is _DONE:
                     break
+                # Deltas that piled up while the consumer was busy go out as one: a slow reader (a client on a
+                # loaded machine) then costs one event per wake-up, not one per token. Nothing waits for this.
+                done = False
+                while not self._aq.empty():
+                    more = self._aq.get_nowait()
+                    if more is _DONE:
+                        done = True
+                        break
+                    item = TokenDelta(item.text + more.text)
                 yield item
+                if done:
+                    break
         finally:
             if self.result is None and self.error is None:
                 self.cancel()  # the consumer went away (client disconnect): free the slot

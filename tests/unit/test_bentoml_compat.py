@@ -129,3 +129,16 @@ def test_traffic_answers_come_in_this_service_shape(status, content, body, retry
     assert response.status_code == status
     assert json.loads(response.body) == {"status": "error", "error": body}
     assert response.headers.get("retry-after") == retry_after
+
+
+def test_bentoml_tracing_keeps_the_request_span_but_opens_none_per_streamed_chunk():
+    bentoml_compat.apply()
+    from opentelemetry.instrumentation import asgi as otel_asgi
+
+    async def app(scope: dict, receive: object, send: object) -> None:  # never called here
+        return None
+
+    middleware = otel_asgi.OpenTelemetryMiddleware(app)  # how BentoML builds it: no exclude_spans given
+    assert middleware.exclude_send_span and middleware.exclude_receive_span
+    kept = otel_asgi.OpenTelemetryMiddleware(app, exclude_spans=["receive"])  # an explicit choice is kept
+    assert kept.exclude_receive_span and not kept.exclude_send_span
