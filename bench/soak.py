@@ -298,14 +298,47 @@ async def client_loop(
 # --- the server and its memory ----------------------------------------------------------------------------------------
 
 
+def process_rss(server: BentoServer) -> dict[str, int]:
+    """RSS of each process of the server's tree, keyed ``pid:name`` (``bentoml serve`` and its workers)."""
+    import psutil
+
+    out: dict[str, int] = {}
+    for p in server.processes():
+        with contextlib.suppress(psutil.Error):
+            out[f"{p.pid}:{p.name()}"] = p.memory_info().rss
+    return out
+
+
 async def sample_rss(
-    server: BentoServer, t0: float, every: float, samples: list[tuple[float, int]], stop: asyncio.Event
+    server: BentoServer,
+    t0: float,
+    every: float,
+    samples: list[tuple[float, int]],
+    stop: asyncio.Event,
+    *,
+    per_process: list[dict[str, int]] | None = None,
 ) -> None:
+    async def one() -> None:
+        procs = await asyncio.to_thread(process_rss, server)
+        samples.append((time.monotonic() - t0, sum(procs.values())))
+        if per_process is not None:
+            per_process.append(procs)
+
     while not stop.is_set():
-        samples.append((time.monotonic() - t0, await asyncio.to_thread(server.rss_bytes)))
+        await one()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), every)
-    samples.append((time.monotonic() - t0, await asyncio.to_thread(server.rss_bytes)))
+    await one()
+
+
+def write_samples(path: Path, samples: list[tuple[float, int]], per_process: list[dict[str, int]]) -> None:
+    """The RSS curve as CSV: seconds since the load started, the tree's RSS and each process's, in MB."""
+    names = sorted({k for procs in per_process for k in procs})
+    lines = [",".join(["t_s", "tree_mb", *names])]
+    for (t, total), procs in zip(samples, per_process, strict=True):
+        cells = [f"{procs[n] / 2**20:.1f}" if n in procs else "" for n in names]
+        lines.append(",".join([f"{t:.1f}", f"{total / 2**20:.1f}", *cells]))
+    path.write_text("\n".join(lines) + "\n")
 
 
 def server_env(model_dir: Path, args: argparse.Namespace) -> dict[str, str]:
@@ -492,11 +525,12 @@ async def drive(
 
     stats = Stats()
     samples: list[tuple[float, int]] = []
+    per_process: list[dict[str, int]] = []
     limits = httpx.Limits(max_connections=args.clients + 8, max_keepalive_connections=args.clients + 8)
     async with httpx.AsyncClient(base_url=server.url, limits=limits, trust_env=False) as client:
         t0 = time.monotonic()
         stop = asyncio.Event()
-        sampler = asyncio.create_task(sample_rss(server, t0, args.rss_every, samples, stop))
+        sampler = asyncio.create_task(sample_rss(server, t0, args.rss_every, samples, stop, per_process=per_process))
         deadline = t0 + args.duration
         budget = [args.max_requests]
         workers = [
@@ -516,6 +550,8 @@ async def drive(
         progress.cancel()
         stop.set()
         await sampler
+    if args.samples_csv:
+        write_samples(Path(args.samples_csv), samples, per_process)
     return stats, samples, elapsed
 
 
@@ -549,6 +585,7 @@ def main(argv: list[str] | None = None) -> int:
         help="fail when RSS grows faster than this, in %% of the mean RSS after warm-up per minute",
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--samples-csv", default="", help="write the RSS samples (tree and per process) to this CSV")
     ap.add_argument("--demo-dir", default=os.environ.get("MEDGEMMA_DEMO_DIR", ""), help="where demo checkpoints live")
     ap.add_argument("--keep-log", action="store_true", help="keep the work dir (server log) after a passing run")
     args = ap.parse_args(argv)
