@@ -1,6 +1,7 @@
-"""Three narrow adjustments to BentoML 1.4's request parsing, applied once by ``service.py``.
+"""Narrow adjustments to BentoML 1.4's request parsing and traffic middlewares, applied once by ``service.py``.
 
-Why each one (all verified against bentoml 1.4.40's ``_bentoml_impl/serde.py`` and ``_bentoml_sdk/validators.py``):
+Why each one (all verified against bentoml 1.4.40's ``_bentoml_impl/serde.py``, ``_bentoml_sdk/validators.py`` and
+``bentoml/_internal/server/http/traffic.py``):
 
 1. **Uploaded images are not opened by BentoML.** Its PIL validator calls ``PIL.Image.open`` on every uploaded file:
    a DICOM file or a broken PNG then fails *before our code runs*, as a generic 500. We keep the upload's bytes

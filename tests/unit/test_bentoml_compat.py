@@ -1,5 +1,6 @@
 """The adjustments to BentoML 1.4's request parsing, exercised through BentoML's own classes on real requests:
-uploads are kept as bytes, URLs are never fetched, broken forms are 400s, traffic errors come in this service's shape.
+uploads are kept as bytes, URLs are never fetched, broken forms are 400s, traffic errors come in this service's shape,
+and the per-request timeout timer is disarmed when the request ends.
 """
 
 from __future__ import annotations
