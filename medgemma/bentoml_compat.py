@@ -1,6 +1,8 @@
-"""Narrow adjustments to BentoML 1.4's request parsing, applied once by ``medgemma.transport`` on import.
+"""Narrow adjustments to BentoML 1.4's request parsing and middlewares, applied once by ``medgemma.transport`` on
+import.
 
-Why each one (all verified against bentoml 1.4.40's ``_bentoml_impl/serde.py`` and ``_bentoml_sdk/validators.py``):
+Why each one (all verified against bentoml 1.4.40's ``_bentoml_impl/serde.py``, ``_bentoml_sdk/validators.py``,
+``bentoml/_internal/server/http/traffic.py`` and opentelemetry-instrumentation-asgi 0.66):
 
 1. **Uploaded images are not opened by BentoML.** Its PIL validator calls ``PIL.Image.open`` on every uploaded file:
    a DICOM file or a broken PNG then fails *before our code runs*, as a generic 500. We keep the upload's bytes
@@ -12,19 +14,26 @@ Why each one (all verified against bentoml 1.4.40's ``_bentoml_impl/serde.py`` a
 3. A data URI sent as a form value (``curl -F image=data:image/png;base64,...``) is accepted, like in JSON.
 4. **Broken forms are a 400.** BentoML's form parsing lets starlette's "missing boundary"/"invalid multipart" and a
    binary file in a text field (a UnicodeDecodeError) escape as 500s; they become ``BadInput`` (400).
-6. **No tracing span per streamed chunk.** BentoML wraps every app in OpenTelemetry's ASGI middleware, which by
+5. **Traffic answers in this service's error shape.** BentoML's timeout (504) and max-concurrency (429) middlewares
+   sit outside any middleware a service can add, and answer ``{"error": ...}`` — the 429 without ``Retry-After``.
+   Their responses are built here instead: ``{"status": "error", "error": ...}``, with ``Retry-After`` on the 429.
+6. **The request timeout is disarmed when the request ends.** BentoML's ``TimeoutMiddleware`` arms a
+   ``loop.call_later(traffic.timeout)`` per request and never cancels it, and a timer keeps a copy of the request's
+   context (its OpenTelemetry span, which BentoML always records) until it fires: with ``timeout: 600`` every request
+   left ~4 KB behind for ten minutes, so memory grew with the request count (the soak measured it). Same behaviour
+   otherwise: the timeout runs until the response starts, then the rest of the response is awaited.
+7. **No tracing span per streamed chunk.** BentoML wraps every app in OpenTelemetry's ASGI middleware, which by
    default opens a span for each ``send`` and ``receive`` message. A streamed answer sends one message per token,
    and those spans were more than half of the event loop's work per token (py-spy, c=1 streaming, small demo
    model), taking CPU from the engine on the same machine. The request's own span, and the trace ids in the logs,
    stay; only the per-message child spans go (``exclude_spans``, a documented option of the middleware).
-5. **Traffic answers in this service's error shape.** BentoML's timeout (504) and max-concurrency (429) middlewares
-   sit outside any middleware a service can add, and answer ``{"error": ...}`` — the 429 without ``Retry-After``.
-   Their responses are built here instead: ``{"status": "error", "error": ...}``, with ``Retry-After`` on the 429.
 """
 
 from __future__ import annotations
 
+import asyncio
 import codecs
+import contextvars
 import io
 from typing import Any
 
@@ -86,6 +95,36 @@ def apply() -> None:
         return JSONResponse(body, status_code=status_code, headers=headers, **kwargs)
 
     traffic.JSONResponse = traffic_response  # type: ignore[assignment,misc]
+
+    async def timeout_call(self: Any, scope: Any, receive: Any, send: Any) -> None:
+        # BentoML's TimeoutMiddleware.__call__ (bentoml 1.4.40), plus: the timer runs in an empty context (its
+        # callback needs none of the request's) and is cancelled when the request ends.
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        timer = loop.call_later(self.timeout, self._set_timer_out, waiter, context=contextvars.Context())
+
+        async def _send(message: Any) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+            await send(message)
+
+        fut = asyncio.ensure_future(self.app(scope, receive, _send), loop=loop)
+        try:
+            await waiter
+        except TimeoutError:  # asyncio.TimeoutError is TimeoutError since Python 3.11
+            if fut.cancel():
+                resp = traffic.JSONResponse(
+                    {"error": f"Not able to process the request in {self.timeout} seconds"}, status_code=504
+                )
+                await resp(scope, receive, send)
+        else:
+            await fut
+        finally:
+            timer.cancel()
+
+    traffic.TimeoutMiddleware.__call__ = timeout_call  # type: ignore[method-assign]
     from python_multipart.exceptions import ParseError
     from starlette.exceptions import HTTPException
     from starlette.formparsers import MultiPartException

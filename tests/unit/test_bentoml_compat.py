@@ -1,12 +1,16 @@
 """The adjustments to BentoML 1.4's request parsing, exercised through BentoML's own classes on real requests:
-uploads are kept as bytes, URLs are never fetched, broken forms are 400s, traffic errors come in this service's shape.
+uploads are kept as bytes, URLs are never fetched, broken forms are 400s, traffic errors come in this service's shape,
+and the per-request timeout timer is disarmed when the request ends.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import gc
 import io
 import json
+import weakref
 from typing import Any, Optional
 
 import httpx
@@ -129,6 +133,68 @@ def test_traffic_answers_come_in_this_service_shape(status, content, body, retry
     assert response.status_code == status
     assert json.loads(response.body) == {"status": "error", "error": body}
     assert response.headers.get("retry-after") == retry_after
+
+
+def _timeout_middleware_request(app: Any, timeout: float) -> tuple[list[dict], Any, list[Any]]:
+    """One request through BentoML's TimeoutMiddleware, in a task whose context holds a marker object (as the
+    server's request context holds its OpenTelemetry span). Returns what was sent, a weak reference to the marker
+    after the request, and the loop's timers still armed."""
+    marker_var: contextvars.ContextVar[object] = contextvars.ContextVar("marker")
+
+    class Marker:
+        pass
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def main() -> tuple[list[dict], Any, list[Any]]:
+        middleware = traffic.TimeoutMiddleware(app, timeout=timeout)
+        sent: list[dict] = []
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        async def one_request() -> Any:
+            marker = Marker()
+            marker_var.set(marker)
+            await middleware({"type": "http", "method": "POST", "path": "/x", "headers": []}, receive, send)
+            return weakref.ref(marker)
+
+        ref = await asyncio.create_task(one_request())
+        await asyncio.sleep(0)  # one loop iteration: the loop drops cancelled timers from the head of its heap
+        gc.collect()
+        loop = asyncio.get_running_loop()
+        armed = [h for h in loop._scheduled if not h.cancelled()]  # type: ignore[attr-defined]
+        return sent, ref, armed
+
+    return asyncio.run(main())
+
+
+async def _answer_ok(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def test_a_finished_request_leaves_no_timer_and_no_context_behind():
+    # BentoML's own TimeoutMiddleware arms loop.call_later(traffic.timeout) per request and never disarms it: the
+    # timer kept the request's context (its OpenTelemetry span, ~4 KB) alive for the whole timeout (600 s in
+    # configuration.yaml) after the answer, so memory grew with every request for ten minutes (the soak's slope).
+    sent, ref, armed = _timeout_middleware_request(_answer_ok, timeout=600)
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert sent[0]["status"] == 200
+    assert armed == []
+    assert ref() is None
+
+
+def test_the_timeout_still_answers_504_in_this_service_shape():
+    async def slow(scope: Any, receive: Any, send: Any) -> None:
+        await asyncio.sleep(5)
+        await _answer_ok(scope, receive, send)
+
+    sent, ref, armed = _timeout_middleware_request(slow, timeout=0.05)
+    assert sent[0]["status"] == 504
+    assert json.loads(sent[1]["body"])["status"] == "error"
+    assert armed == [] and ref() is None
 
 
 def test_bentoml_tracing_keeps_the_request_span_but_opens_none_per_streamed_chunk():

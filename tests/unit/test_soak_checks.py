@@ -40,6 +40,27 @@ def test_too_few_samples_give_no_slope():
     assert math.isnan(soak.rss_trend([(61.0, MB), (62.0, 2 * MB)], warmup_s=60).stderr_mb_per_min)
 
 
+def test_growth_per_request_does_not_depend_on_the_request_rate():
+    # 4 KB left behind by every request: the same figure at 20 and at 140 requests/s, where MB/min differ 7-fold.
+    for rate in (20, 140):
+        samples = [soak.Sample(t, rate * t, {"1:python": 800 * MB + 4096 * rate * t}) for t in range(0, 301, 2)]
+        fit = soak.rss_per_request(samples, warmup_s=60)
+        assert fit.kb_per_request == pytest.approx(4.0)
+        assert fit.requests == rate * 240
+        per_minute = soak.rss_trend([(x.t, x.rss) for x in samples], 60).slope_mb_per_min
+        assert per_minute == pytest.approx(rate * 60 * 4 / 1024)
+
+
+def test_no_growth_per_request_when_memory_is_flat():
+    samples = [soak.Sample(t, 50 * t, {"1:python": (700 + (3 if t % 4 else -3)) * MB}) for t in range(0, 301, 2)]
+    fit = soak.rss_per_request(samples, warmup_s=60)
+    assert abs(fit.kb_per_request) < 2 * fit.stderr_kb + 0.01
+
+
+def test_no_growth_per_request_without_requests():
+    assert soak.rss_per_request([soak.Sample(t, 7, {"1:python": MB}) for t in range(60, 100, 2)], 60) is None
+
+
 def seed_body(**changes):
     body = {
         "status": "success",
