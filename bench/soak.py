@@ -29,8 +29,8 @@ What it does:
 
 Exit status 1 when anything is lost, a 200 body is invalid, the RSS slope is above ``--max-rss-slope`` (% of the
 mean RSS after warm-up, per minute), the RSS grows by more than ``--max-rss-per-request`` KB per request, any 5xx
-other than a 503 with ``Retry-After`` is seen, an overload answer lacks ``Retry-After``, or a bad request is not
-answered 4xx. Bounded: every request has a timeout, the run stops at ``--duration`` (at most 1 hour) or
+other than a 503 with ``Retry-After`` is seen, an overload answer lacks ``Retry-After``, a bad request is not
+answered 4xx, or the server log holds a traceback or an ERROR record (bad requests log a WARNING at most). Bounded: every request has a timeout, the run stops at ``--duration`` (at most 1 hour) or
 ``--max-requests``, and the server is always stopped (``devtools.server``).
 
 The memory verdict, and why it is judged this way (measured with the tiny demo model on a 2-core machine shared
@@ -577,6 +577,9 @@ def report(
             f"RSS grows {per_request.kb_per_request:+.3f} KB per request answered, above the limit of "
             f"{args.max_rss_per_request:g} KB"
         )
+    tracebacks, error_records = log_text.count("Traceback"), log_text.count("[ERROR]")
+    if tracebacks or error_records:  # bad requests are client errors: a WARNING at most, never a page
+        failed.append(f"the server log holds {tracebacks} tracebacks and {error_records} ERROR records")
     if stats.invalid:
         failed.append(f"{len(stats.invalid)} invalid 200 bodies, e.g. {stats.invalid[:3]}")
     if stats.server_errors:

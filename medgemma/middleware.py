@@ -370,6 +370,8 @@ class RedactRequestData(logging.Filter):
             if client_error and record.levelno > logging.WARNING:
                 # The client sent something invalid (or left) and got a 4xx: a warning, not an error to page on.
                 record.levelno, record.levelname = logging.WARNING, "WARNING"
+                if hasattr(record, "levelname_bracketed"):  # BentoML's TraceRecordFilter ran first and formats this
+                    record.levelname_bracketed = "[WARNING]"
             if validation is not None:
                 locs = [".".join(str(p) for p in err.get("loc", ())) for err in validation.errors()][:5]
                 record.msg = f"{record.getMessage()} (request validation failed at: {', '.join(locs)}; values redacted)"

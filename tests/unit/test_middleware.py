@@ -6,6 +6,7 @@ import logging
 import sys
 
 import pytest
+from bentoml._internal.log import TraceRecordFilter
 from pydantic import BaseModel
 
 from medgemma.errors import BadRequest, ModelFailed, ModelLoading, Overloaded, error_body
@@ -65,11 +66,12 @@ def test_redaction_drops_values_and_downgrades_client_errors():
         Model.model_validate({"text": "PATIENT-SECRET"})
     except Exception as exc:
         record = _record_for(exc)
+    TraceRecordFilter().filter(record)  # BentoML's own filter runs first on its handlers: "[ERROR]" is set
     assert RedactRequestData().filter(record)
-    rendered = logging.Formatter().format(record)
+    rendered = logging.Formatter("%(levelname_bracketed)s %(message)s").format(record)
     assert "PATIENT-SECRET" not in rendered
     assert "request validation failed at: text" in rendered
-    assert record.levelname == "WARNING"
+    assert record.levelname == "WARNING" and rendered.startswith("[WARNING] ")
 
 
 def test_redaction_leaves_real_server_errors_alone():
