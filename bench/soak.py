@@ -30,8 +30,9 @@ What it does:
 Exit status 1 when anything is lost, a 200 body is invalid, the RSS slope is above ``--max-rss-slope`` (% of the
 mean RSS after warm-up, per minute), the RSS grows by more than ``--max-rss-per-request`` KB per request, any 5xx
 other than a 503 with ``Retry-After`` is seen, an overload answer lacks ``Retry-After``, a bad request is not
-answered 4xx, or the server log holds a traceback or an ERROR record (bad requests log a WARNING at most). Bounded: every request has a timeout, the run stops at ``--duration`` (at most 1 hour) or
-``--max-requests``, and the server is always stopped (``devtools.server``).
+answered 4xx, or the server log holds a traceback or an ERROR record (bad requests log a WARNING at most).
+Bounded: every request has a timeout, the run stops at ``--duration`` (at most 1 hour) or ``--max-requests``, and
+the server is always stopped (``devtools.server``).
 
 The memory verdict, and why it is judged this way (measured with the tiny demo model on a 2-core machine shared
 with other work, 64 clients; details in the README's soak notes):
