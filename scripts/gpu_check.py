@@ -77,11 +77,13 @@ def model_sizes(cpu_smoke: bool) -> dict[str, tuple[str, SizeSpec]]:
     """
     from dataclasses import replace
 
-    from medgemma.demo_sizes import MEDGEMMA_SIZES, SizeSpec
+    from medgemma.demo_sizes import DEMO_SIZES, MEDGEMMA_SIZES
 
     if not cpu_smoke:
         return {"4b": ("medgemma-4b-it", MEDGEMMA_SIZES["4b"]), "27b": ("medgemma-27b-it", MEDGEMMA_SIZES["27b"])}
-    tiny_4b = SizeSpec(
+    # The demo's tiny vision tower under a text stack shaped like the 4B's (6 layers, 5 local : 1 global).
+    tiny_4b = replace(
+        DEMO_SIZES["tiny"],
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=6,
@@ -90,16 +92,9 @@ def model_sizes(cpu_smoke: bool) -> dict[str, tuple[str, SizeSpec]]:
         head_dim=16,
         query_pre_attn_scalar=16,
         vocab_size=4096,
-        sliding_window=64,
         sliding_window_pattern=6,
         max_position_embeddings=8192,
-        vision_hidden_size=32,
-        vision_intermediate_size=64,
-        vision_num_hidden_layers=1,
-        vision_num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-        mm_tokens_per_image=4,
+        initializer_range=0.02,
     )
     # Like the 27B, a query_pre_attn_scalar other than head_dim.
     tiny_27b = replace(tiny_4b, hidden_size=96, intermediate_size=192, head_dim=24, query_pre_attn_scalar=20)
