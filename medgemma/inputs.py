@@ -67,14 +67,12 @@ def to_upload(value: Any, options: ImageOptions, *, param: str) -> Upload | Imag
     """One image value (data URI, upload, bytes) as encoded bytes; a PIL image as it is."""
     if isinstance(value, Image.Image):
         return value
-    if isinstance(value, Upload):  # fetched from an allow-listed URL
+    if isinstance(value, str):  # the one URL policy: a data URI stays, an http(s) URL is fetched (allow-listed) or 400
+        value = sources.image_url_value(value, options.settings, param)
+    if isinstance(value, Upload):  # already encoded bytes (fetched, or read once by the caller)
         return value
     if isinstance(value, UploadedImage):
         return Upload(value.data, value.media_type)
-    if isinstance(value, str) and value.startswith(("http://", "https://")):
-        value = sources.image_url_value(value, options.settings, param)  # the one URL policy: allow-listed or 400
-        if isinstance(value, Upload):
-            return value
     if isinstance(value, str):
         media_type, data = imaging.parse_data_uri(value, param=param, limits=options.limits)
         return Upload(data, media_type)
@@ -122,14 +120,8 @@ def decode_images(values: Sequence[tuple[Any, str]], options: ImageOptions, *, p
             return series
     parts: list[Part] = []
     for upload, (_, p) in zip(uploads, values, strict=True):
-        parts.extend(
-            decode_image(upload if isinstance(upload, Image.Image) else _as_uploaded(upload), options, param=p)
-        )
+        parts.extend(decode_image(upload, options, param=p))
     return parts
-
-
-def _as_uploaded(upload: Upload) -> UploadedImage:
-    return UploadedImage(upload.data, upload.media_type)
 
 
 def dicom_source(spec: DicomSource, options: ImageOptions, *, param: str) -> list[Part]:
@@ -365,6 +357,9 @@ def content_parts(items: Sequence[tuple[Any, str]], options: ImageOptions, param
             series = sources.uploaded_series(uploads, options, param)  # type: ignore[arg-type]
             if series is not None:
                 return [*(s for s in slots if not isinstance(s, tuple)), *series]
+        # Not a series: decode what was just read (a data URI is not decoded twice, a URL not fetched twice).
+        read = iter(uploads)
+        slots = [(next(read), slot[1]) if isinstance(slot, tuple) else slot for slot in slots]
     parts: list[Part] = []
     for slot in slots:
         if isinstance(slot, tuple):

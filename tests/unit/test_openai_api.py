@@ -10,11 +10,11 @@ from typing import Any, ClassVar
 
 import pytest
 
-from medgemma import openai_api, sources
+from medgemma import inputs, openai_api, sources
 from medgemma.config import Settings
 from medgemma.errors import BadRequest, NotFound, PayloadTooLarge, ServiceError
 from medgemma.protocol import GenerationRequest, GenerationResult, ImagePart, Message, SamplingParams, TextPart, Timings
-from medgemma.schemas import parse_model
+from medgemma.schemas import GenerateRequest, parse_model
 from tests.helpers import png_bytes, png_data_uri
 
 SETTINGS = Settings(model="google/medgemma-4b-it")
@@ -190,8 +190,10 @@ def test_image_urls_need_an_allow_listed_domain_name():
 
 class _Handler(BaseHTTPRequestHandler):
     routes: ClassVar[dict[str, tuple[int, dict[str, str], bytes]]] = {}
+    fetched: ClassVar[list[str]] = []  # every path asked for, in order
 
     def do_GET(self) -> None:
+        self.fetched.append(self.path)
         status, headers, body = self.routes.get(self.path, (404, {}, b"not here"))
         self.send_response(status)
         for k, v in headers.items():
@@ -238,6 +240,17 @@ def test_allow_listed_image_url_is_fetched_and_decoded(image_host):
     assert req.images[0].info["source"] == "png"
     fetched = sources.fetch_image(f"{image_host}/xray.png", settings, "p")
     assert fetched.data == PNG and fetched.media_type == "image/png"
+
+
+def test_each_image_url_of_a_seed_chat_message_is_fetched_once(image_host):
+    # Several image values in one message are read once to look for a CT series, then decoded from what was read.
+    settings = Settings(model="google/medgemma-4b-it", image_url_domains=("localhost",))
+    url = {"type": "image_url", "image_url": f"{image_host}/xray.png"}
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "?"}, url, url]}]}
+    _Handler.fetched.clear()
+    req = inputs.from_seed(parse_model(GenerateRequest, body), settings, vision=True)
+    assert len(req.images) == 2 and all(im.info["source"] == "png" for im in req.images)
+    assert _Handler.fetched == ["/xray.png", "/xray.png"]
 
 
 @pytest.mark.parametrize(
