@@ -549,8 +549,9 @@ def report(
             f"RSS per request:    {per_request.kb_per_request:+.3f} KB (± {per_request.stderr_kb:.3f}) per request "
             f"answered, fit over the {per_request.requests} requests answered after the warm-up"
         ]
+    tracebacks, error_records = log_text.count("Traceback"), log_text.count("[ERROR]")
     out += [
-        f"server log:         {log_text.count('Traceback')} tracebacks, {log_text.count('[ERROR]')} ERROR records "
+        f"server log:         {tracebacks} tracebacks, {error_records} ERROR records "
         f"({log_path}; kept only when the run fails or with --keep-log)"
     ]
 
@@ -578,7 +579,6 @@ def report(
             f"RSS grows {per_request.kb_per_request:+.3f} KB per request answered, above the limit of "
             f"{args.max_rss_per_request:g} KB"
         )
-    tracebacks, error_records = log_text.count("Traceback"), log_text.count("[ERROR]")
     if tracebacks or error_records:  # bad requests are client errors: a WARNING at most, never a page
         failed.append(f"the server log holds {tracebacks} tracebacks and {error_records} ERROR records")
     if stats.invalid:
