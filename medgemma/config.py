@@ -95,7 +95,9 @@ class Settings:
         512, "Longest prompt chunk read in one step; a prompt is read in chunks (never splitting an image)."
     )
     prefill_share: float = setting(
-        0.6, "While requests are decoding, prompt chunks may add at most this fraction to a step's measured time."
+        0.6,
+        "While requests are decoding, long prompts get this fraction of the decoding steps' measured time, read in "
+        "chunks of at least 64 tokens.",
     )
     max_constraint_bytes: int = setting(
         32768, "Largest JSON schema, regex, choice list or grammar in one request (bytes, compact JSON); larger is 400."

@@ -1,4 +1,5 @@
-"""What the scheduler measures and sizes: a decode step's cost, and the KV pool's default budget."""
+"""What the scheduler measures and sizes: a decode step's cost, long prompts' share of time beside decoding rows,
+and the KV pool's default budget."""
 
 from __future__ import annotations
 
@@ -29,6 +30,59 @@ class DecodeCost:
             if slope >= 0:
                 return max((st - slope * sn) / w + slope * rows, 0.0)
         return st / w
+
+
+class PrefillCredit:
+    """Step time owed to long prompts while rows decode, in seconds, and what one of their tokens costs there.
+
+    Each decode step earns ``share`` x its measured decode time while a long prompt waits; a step that carries
+    long-prompt tokens is charged what it took beyond decoding alone, so a misestimate corrects itself on the next
+    chunks. The balance never banks more than one full chunk (no burst after a long wait) and may go below zero (an
+    image read whole costs more than the credit had; it is paid off before the next chunk).
+    """
+
+    def __init__(self, share: float, *, max_tokens: int, smoothing: float = 0.3) -> None:
+        self.share = share
+        self.max_tokens = max_tokens
+        self.smoothing = smoothing
+        self.balance = 0.0
+        self.token_s: float | None = None  # marginal seconds of one prompt token (moving average)
+
+    def earn(self, decode_s: float | None) -> None:
+        if decode_s is None:
+            return
+        self.balance += self.share * decode_s
+        if self.token_s is not None:
+            self.balance = min(self.balance, self.max_tokens * self.token_s)
+
+    def tokens(self, decode_s: float | None, minimum: int) -> int:
+        """Prompt tokens the balance pays for now: 0 below ``minimum``; ``minimum`` while a token's cost or a
+        decode step's is still unknown (the step measures it)."""
+        if decode_s is None:
+            return 0  # this step decodes alone and so measures what decoding costs
+        if self.token_s is None:
+            return minimum
+        tokens = min(int(self.balance / self.token_s), self.max_tokens)
+        return tokens if tokens >= minimum else 0
+
+    def charge(self, extra_s: float, tokens: int, *, measured: bool) -> None:
+        """A step read ``tokens`` long-prompt tokens in ``extra_s`` more than decoding alone. ``measured=False``:
+        the step also read other prompts, so ``extra_s`` is not theirs alone and the estimate is charged instead."""
+        if tokens <= 0:
+            return
+        if measured and extra_s > 0:
+            per_token = extra_s / tokens
+            self.observe(per_token)
+        else:
+            extra_s = tokens * (self.token_s or 0.0)
+        self.balance -= extra_s
+
+    def observe(self, per_token_s: float) -> None:
+        """A measured cost of one prompt token (also from steps where nobody decodes)."""
+        if self.token_s is None:
+            self.token_s = per_token_s
+        else:
+            self.token_s += self.smoothing * (per_token_s - self.token_s)
 
 
 def default_kv_budget(layout: KVLayout, device: torch.device) -> int:

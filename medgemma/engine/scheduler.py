@@ -8,12 +8,15 @@ the rows still reading their prompts. Both run on packed tokens over the paged K
 ``kv_cache.py``), so rows of any length share a pass without padding each other.
 
 **Chunked prefill with decode priority.** A prompt is read in chunks, never splitting an image (Gemma 3 attends
-bidirectionally inside an image). With nobody decoding a chunk is up to ``prefill_chunk_tokens``; while rows are
-decoding, the chunk is sized so that it adds at most ``prefill_share`` to the step's time, from the measured cost of
-a decode step and of a prefill token (moving averages). On a compute-bound CPU a fixed token budget would either stall
-every decoding row behind a long prompt or starve the prompt; measured time does neither, on any hardware. Among rows
-waiting to prefill, the one with the fewest prompt tokens left goes first, so a short chat arriving next to a
-22K-token CT study starts answering at once while the study keeps its share.
+bidirectionally inside an image). With nobody decoding a chunk is up to ``prefill_chunk_tokens``. While rows are
+decoding, long prompts are owed ``prefill_share`` of each decode step's measured time (a credit in seconds); the
+credit is spent on a chunk once it pays for at least ``_MIN_DECODING_CHUNK`` tokens at the measured marginal cost of a
+prompt token, and the step's actual extra time is charged back. Why credit, not a slice of every step: on a CPU a
+prompt token packed into a decode step costs 0.88 ms in a 16-token chunk but 0.51 ms in a 128-token one (``small``
+demo, 15 rows decoding), so a few larger chunks read the prompt almost twice as fast for the same time taken from the
+decoding rows; on a GPU the credit of every step already buys more than the minimum, so a chunk rides every step.
+Among rows waiting to prefill, the one with the fewest prompt tokens left goes first, so a short chat arriving next
+to a 22K-token CT study starts answering at once while the study keeps its share.
 
 **Faults stay in their row.** A failed forward is retried row by row (paged K/V writes go to fixed slots, so redoing
 a row's step is harmless); only rows that fail alone fail, out-of-memory ones with a 503. A sampler error fails its
@@ -36,7 +39,7 @@ import torch
 from medgemma import reasoning, structured
 from medgemma.engine import attention
 from medgemma.engine.attention import Chunk
-from medgemma.engine.costs import DecodeCost, default_kv_budget
+from medgemma.engine.costs import DecodeCost, PrefillCredit, default_kv_budget
 from medgemma.engine.handle import RequestHandle
 from medgemma.engine.kv_cache import KVLayout, PagedKVCache, RowKV
 from medgemma.engine.prepare import PreparedRequest, Preparer, context_length, eos_ids, vocab_size
@@ -49,7 +52,8 @@ from medgemma.protocol import FinishReason, GenerationRequest, GenerationResult,
 
 log = logging.getLogger(__name__)
 
-_MIN_CHUNK = 16  # a prompt always advances at least this much per step
+_MIN_CHUNK = 16  # a prompt chunk is never cut shorter than this (unless the prompt ends or an image starts)
+_MIN_DECODING_CHUNK = 64  # beside decoding rows, smaller chunks cost up to 1.7x more per token (see the docstring)
 
 
 @dataclass
@@ -146,7 +150,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._published: tuple[int, ...] = ()
         self._decode_cost = DecodeCost()  # measured seconds of a decode step, by rows
-        self._long_budget = float(_MIN_CHUNK)  # tokens of long prompts per step while decoding, adjusted by feedback
+        self._credit = PrefillCredit(prefill_share, max_tokens=self.prefill_chunk_tokens)
         self.steps = 0
         self.finished = 0
         self.fault_injector: Callable[[str, list[str]], None] | None = None  # tests: ("forward"|"sample", ids)
@@ -279,32 +283,34 @@ class Engine:
         work = [(r, r.cached, r.cached + 1) for r in decoding] + chunks
         if not work:
             return
+        long_waiting = any(r.prefilling and r.n_input > self.prefill_chunk_tokens for r in self._rows)
         t0 = time.perf_counter()
         self._forward_rows(work)
         seconds = time.perf_counter() - t0
         self.steps += 1
+        long_tokens = sum(e - s for r, s, e in chunks if r.n_input > self.prefill_chunk_tokens)
+        other_tokens = sum(e - s for _, s, e in chunks) - long_tokens
+        if not decoding:
+            if long_tokens and not other_tokens:
+                self._credit.observe(seconds / long_tokens)
+            return
+        decode_s = self._decode_cost.seconds(len(decoding))
         if not chunks:
             self._decode_cost.observe(len(decoding), seconds)
-        elif decoding and any(r.n_input > self.prefill_chunk_tokens for r, _, _ in chunks):
-            self._steer_long_budget(len(decoding), seconds)
-
-    def _steer_long_budget(self, n_decoding: int, seconds: float) -> None:
-        """Feedback: scale the long-prompt budget by how far this step's time was from decode time x (1 + share).
-
-        Step time grows about linearly with the prompt tokens in it, so multiplying the budget by target / actual
-        converges on the share; the factor is bounded per step so that one noisy step cannot swing it."""
-        decode_s = self._decode_cost.seconds(n_decoding)
-        if decode_s is None or seconds <= 0:
-            return
-        factor = min(max((1 + self.prefill_share) * decode_s / seconds, 0.5), 2.0)
-        self._long_budget = min(max(self._long_budget * factor, _MIN_CHUNK), self.prefill_chunk_tokens)
+        if long_waiting:
+            self._credit.earn(decode_s)
+        else:
+            self._credit.balance = 0.0  # nothing banked for a prompt that has not arrived yet
+        if long_tokens and decode_s is not None:
+            self._credit.charge(seconds - decode_s, long_tokens, measured=not other_tokens)
 
     def _long_prompt_budget(self, n_decoding: int) -> int:
-        """Tokens of multi-chunk prompts to read this step: a whole chunk when nobody decodes, else the budget the
-        feedback keeps at ``prefill_share`` of a decode step's time."""
+        """Tokens of multi-chunk prompts to read this step: a whole chunk when nobody decodes, else what the credit
+        pays for (nothing until it pays for ``_MIN_DECODING_CHUNK`` tokens)."""
         if not n_decoding:
             return self.prefill_chunk_tokens
-        return int(self._long_budget)
+        minimum = min(_MIN_DECODING_CHUNK, self.prefill_chunk_tokens)
+        return self._credit.tokens(self._decode_cost.seconds(n_decoding), minimum)
 
     def _prefill_chunks(self, n_decoding: int) -> list[tuple[_Row, int, int]]:
         """This step's prompt chunks: fewest tokens left first, never splitting an image.

@@ -6,6 +6,7 @@ The oracle is transformers' own ``generate()`` / full forward on the same weight
 from __future__ import annotations
 
 import itertools
+import time
 
 import numpy as np
 import pytest
@@ -193,3 +194,39 @@ def test_requests_wait_for_kv_blocks_and_one_that_never_fits_is_a_400(vlm):
         assert 1 <= peak <= 2
     finally:
         eng.stop()
+
+
+def test_decoding_rows_advance_every_step_while_a_long_prompt_is_read_in_efficient_chunks(make_engine, monkeypatch):
+    eng = make_engine(prefill_chunk_tokens=256)
+    steps: list[tuple[set[str], list[tuple[str, int, int, int]]]] = []  # (decoding ids, prompt chunks)
+    real_forward = eng._forward
+
+    def recording(work):
+        decoding = {r.handle.request_id for r, s, e in work if s >= r.n_input}
+        chunks = [(r.handle.request_id, s, e, r.n_input) for r, s, e in work if s < r.n_input]
+        steps.append((decoding, chunks))
+        return real_forward(work)
+
+    monkeypatch.setattr(eng, "_forward", recording)
+    shorts = [eng.submit(eng.prepare(request(f"short question {i}", n=80))) for i in range(3)]
+    while len(steps) < 3:  # the shorts are decoding before the long prompt arrives
+        time.sleep(0.005)
+    long_p = eng.prepare(request(long_text(900, seed=7), n=4))
+    assert long_p.n_input > 3 * 256
+    long_h = eng.submit(long_p)
+    results = [h.wait_sync(120) for h in shorts]
+    assert long_h.wait_sync(120).output_tokens == 4
+
+    short_ids = {h.request_id for h in shorts}
+    beside = [(d, c) for d, c in steps if d & short_ids and any(rid == long_h.request_id for rid, *_ in c)]
+    assert beside, "the long prompt was never read while the shorts decoded"
+    for decoding, chunks in steps:
+        for rid, start, end, n_input in chunks:
+            if rid == long_h.request_id and decoding:
+                # beside decoding rows a long prompt is read in chunks of at least the efficient minimum
+                assert end - start >= scheduler_module._MIN_DECODING_CHUNK or end == n_input
+    # the decoding rows are never held up: each short produced a token in every step from its first to its last
+    for h, r in zip(shorts, results, strict=True):
+        own = [i for i, (d, _) in enumerate(steps) if h.request_id in d]
+        assert own == list(range(own[0], own[0] + len(own)))
+        assert len(own) == r.output_tokens - 1 + (r.finish_reason == "stop")
