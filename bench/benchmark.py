@@ -46,7 +46,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,6 +159,7 @@ class ReqResult:
     finish: str | None = None
     server_ttft_s: float | None = None
     text: str = ""
+    token_ids: list[int] | None = None  # in-process only: what the text was decoded from
 
 
 @dataclass
@@ -326,6 +327,7 @@ class InProcess:
                     input_tokens=int(n_in),
                     finish="length" if real == r.max_new_tokens else "stop",
                     text=self.tokenizer.decode(own[:real], skip_special_tokens=True),
+                    token_ids=own[:real],
                 )
             )
         return results
@@ -650,13 +652,49 @@ def environment(inproc: InProcess, threads: int) -> dict[str, Any]:
     }
 
 
-def compare_texts(a: list[ReqResult], b: list[ReqResult]) -> dict[str, int]:
+def compare_texts(
+    a: list[ReqResult], b: list[ReqResult], as_streamed: Callable[[list[int]], str] | None = None
+) -> dict[str, int]:
+    """Service results ``a`` against in-process ``b``, by request. ``as_streamed``: how a stream turns ids into text
+    (the engine's incremental detokenizer); a text that differs from the whole-sequence decode but equals that is
+    counted apart: same tokens, where byte tokens that are not valid UTF-8 decode differently piece by piece."""
     by_idx = {r.idx: r for r in b}
     same = sum(1 for r in a if r.idx in by_idx and r.text == by_idx[r.idx].text)
+    same_streamed = 0
+    if as_streamed is not None:
+        same_streamed = sum(
+            1
+            for r in a
+            if r.idx in by_idx
+            and r.text != by_idx[r.idx].text
+            and by_idx[r.idx].token_ids is not None
+            and r.text == as_streamed(by_idx[r.idx].token_ids or [])
+        )
     in_mismatch = sum(
         1 for r in a if r.idx in by_idx and r.input_tokens is not None and r.input_tokens != by_idx[r.idx].input_tokens
     )
-    return {"identical_text": same, "compared": len(a), "input_token_mismatches": in_mismatch}
+    return {
+        "identical_text": same,
+        "same_tokens_streamed_text": same_streamed,
+        "compared": len(a),
+        "input_token_mismatches": in_mismatch,
+    }
+
+
+def streamed_text(tokenizer: Any) -> Callable[[list[int]], str]:
+    """The text a streaming client receives for ``ids``: the engine's own incremental detokenizer, token by token."""
+    from medgemma import reasoning
+    from medgemma.engine.text import TextOut
+
+    decode = reasoning.tag_preserving_decoder(tokenizer)
+
+    def run(ids: list[int]) -> str:
+        out = TextOut(decode, lambda _t: None)
+        for i in range(1, len(ids) + 1):
+            out.feed(ids[:i])
+        return out.finish(ids, streamed=True, cancelled=False)
+
+    return run
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -728,6 +766,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         modes: list[ModeResult] = []
         checks: dict[str, Any] = {}
         stream = not args.no_stream
+        # A streamed answer is the concatenation of its deltas; compare it also with that view of the in-process ids.
+        as_streamed = streamed_text(inproc.tokenizer) if stream else None
 
         def measure(name: str, workload: str, c: int, reqs: list[Req]) -> tuple[ModeResult, list[ReqResult]]:
             assert inproc is not None
@@ -769,7 +809,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     m, res = got[name]
                     m.extra["ratio_vs_inproc"] = m.tok_per_s / base.tok_per_s if base.tok_per_s else None
                     checks[f"{modality}_c{c}" + ("" if name == "service" else f"_{name}")] = compare_texts(
-                        res, base_res
+                        res, base_res, as_streamed
                     )
                 modes += [got[n][0] for n in names]
                 svc = got["service"][0]
@@ -787,7 +827,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             static.extra["slot_tokens"] = sum(
                 max(mixed_tokens[i : i + c]) * len(mixed_tokens[i : i + c]) for i in range(0, len(mixed), c)
             )
-            checks["mixed"] = compare_texts(s_res, i_res)
+            checks["mixed"] = compare_texts(s_res, i_res, as_streamed)
             mixed_out = [svc, static]
             log(f"  service {svc.tok_per_s:.1f} useful tok/s, static {static.tok_per_s:.1f} useful tok/s")
 
@@ -937,8 +977,14 @@ def markdown(res: dict[str, Any]) -> str:
             )
     for k, v in res["checks"].items():
         notes.append(
-            f"{k}: {v['identical_text']}/{v['compared']} service texts identical to in-process greedy output; "
-            f"{v['input_token_mismatches']} prompt-length mismatches."
+            f"{k}: {v['identical_text']}/{v['compared']} service texts identical to in-process greedy output"
+            + (
+                f" ({v['same_tokens_streamed_text']} more equal to the same token ids detokenized piece by piece, as "
+                "a stream is: byte tokens that are not valid UTF-8)"
+                if v.get("same_tokens_streamed_text")
+                else ""
+            )
+            + f"; {v['input_token_mismatches']} prompt-length mismatches."
         )
     if notes:
         lines += [
