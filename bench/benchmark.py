@@ -221,7 +221,7 @@ def summarise(workload: str, c: int, mode: str, results: list[ReqResult], wall: 
         latency_p99=percentile(lats, 99) or 0.0,
         early_stops=sum(1 for r in results if r.tokens < r.requested),
         extra=extra,
-        per_request=[{k: v for k, v in asdict(r).items() if k != "text"} for r in results],
+        per_request=[{k: v for k, v in asdict(r).items() if k not in ("text", "token_ids")} for r in results],
     )
 
 
