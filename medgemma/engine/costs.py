@@ -57,10 +57,9 @@ class PrefillCredit:
 
     def tokens(self, decode_s: float | None, minimum: int) -> int:
         """Prompt tokens the balance pays for now: 0 below ``minimum``; ``minimum`` while a token's cost or a
-        decode step's is still unknown (the step measures it)."""
-        if decode_s is None:
-            return 0  # this step decodes alone and so measures what decoding costs
-        if self.token_s is None:
+        decode step's is still unknown (a step measures the first; the second needs a step with no prompt in it,
+        which short prompts arriving every step could put off indefinitely, so a long prompt never waits for it)."""
+        if decode_s is None or self.token_s is None:
             return minimum
         tokens = min(int(self.balance / self.token_s), self.max_tokens)
         return tokens if tokens >= minimum else 0

@@ -55,7 +55,12 @@ def test_credit_never_banks_more_than_one_full_chunk():
     assert credit.tokens(0.050, minimum=64) == 128
 
 
-def test_unknown_costs_measure_first():
+def test_unknown_costs_never_hold_a_long_prompt_back():
     credit = PrefillCredit(0.6, max_tokens=512)
-    assert credit.tokens(None, minimum=64) == 0  # decode cost unknown: this step decodes alone and measures it
-    assert credit.tokens(0.030, minimum=64) == 64  # token cost unknown: the smallest efficient chunk measures it
+    # nothing measured yet (and, with short prompts arriving every step, no decode-only step to measure): the
+    # smallest efficient chunk, every step, so the long prompt advances and its cost gets measured
+    assert credit.tokens(None, minimum=64) == 64
+    assert credit.tokens(0.030, minimum=64) == 64
+    credit.observe(0.001)
+    assert credit.tokens(None, minimum=64) == 64
+    assert credit.tokens(0.030, minimum=64) == 0  # both known: the balance decides
