@@ -132,10 +132,9 @@ def part_item(part: Any, settings: Settings, param: str) -> tuple[Any, str]:
     if isinstance(part, GoogleImagePart):
         return sources.image_url_value(part.image, settings, param), param
     if isinstance(part, GoogleImageURLPart):
-        url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
         secret = None if isinstance(part.image_url, str) else part.image_url.access_credential
         credential = secret.get_secret_value() if secret is not None else None
-        return sources.image_url_value(url, settings, param, credential), param
+        return sources.image_url_value(part.url, settings, param, credential), param
     if isinstance(part, TextContent):
         return TextPart(part.text), param
     return openai_api.part_item(part, settings, param)

@@ -104,7 +104,7 @@ def part_item(part: Any, settings: Settings, param: str) -> tuple[Any, str]:
         return TextPart(part.text), param
     if isinstance(part, ImageDicomContent):
         return part.image_dicom, f"{param}.image_dicom"
-    return sources.image_url_value(part.image_url.url, settings, param), param
+    return sources.image_url_value(part.url, settings, param), param
 
 
 def to_generation_request(

@@ -56,15 +56,16 @@ class ImageURLContent(APIModel):
     type: Literal["image_url"]
     image_url: ImageURL
 
+    @property
+    def url(self) -> str:
+        """The URL, whether the part carries it as an object or (seed, Google: subclasses) as a plain string."""
+        return self.image_url if isinstance(self.image_url, str) else self.image_url.url
+
 
 class SeedImageURLContent(ImageURLContent):
     """The seed chat format also takes the URL as a plain string."""
 
     image_url: ImageURL | str  # type: ignore[assignment]
-
-    @property
-    def url(self) -> str:
-        return self.image_url if isinstance(self.image_url, str) else self.image_url.url
 
 
 class DicomSource(APIModel):
