@@ -55,6 +55,10 @@ class PrefillCredit:
         if self.token_s is not None:
             self.balance = min(self.balance, self.max_tokens * self.token_s)
 
+    def reset(self) -> None:
+        """No long prompt waits: drop the balance (credit is never banked for a prompt that has not arrived)."""
+        self.balance = 0.0
+
     def tokens(self, decode_s: float | None, minimum: int) -> int:
         """Prompt tokens the balance pays for now: 0 below ``minimum``; ``minimum`` while a token's cost or a
         decode step's is still unknown (a step measures the first; the second needs a step with no prompt in it,

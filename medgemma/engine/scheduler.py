@@ -283,12 +283,12 @@ class Engine:
         work = [(r, r.cached, r.cached + 1) for r in decoding] + chunks
         if not work:
             return
-        long_waiting = any(r.prefilling and r.n_input > self.prefill_chunk_tokens for r in self._rows)
+        long_waiting = any(r.prefilling and self._is_long(r) for r in self._rows)
         t0 = time.perf_counter()
         self._forward_rows(work)
         seconds = time.perf_counter() - t0
         self.steps += 1
-        long_tokens = sum(e - s for r, s, e in chunks if r.n_input > self.prefill_chunk_tokens)
+        long_tokens = sum(e - s for r, s, e in chunks if self._is_long(r))
         other_tokens = sum(e - s for _, s, e in chunks) - long_tokens
         if not decoding:
             if long_tokens and not other_tokens:
@@ -300,9 +300,13 @@ class Engine:
         if long_waiting:
             self._credit.earn(decode_s)
         else:
-            self._credit.balance = 0.0  # nothing banked for a prompt that has not arrived yet
+            self._credit.reset()  # nothing banked for a prompt that has not arrived yet
         if long_tokens and decode_s is not None:
             self._credit.charge(seconds - decode_s, long_tokens, measured=not other_tokens)
+
+    def _is_long(self, row: _Row) -> bool:
+        """A prompt read in several chunks, which shares the decoding steps by credit (a shorter one is read whole)."""
+        return row.n_input > self.prefill_chunk_tokens
 
     def _long_prompt_budget(self, n_decoding: int) -> int:
         """Tokens of multi-chunk prompts to read this step: a whole chunk when nobody decodes, else what the credit
@@ -323,7 +327,7 @@ class Engine:
         long_budget = self._long_prompt_budget(n_decoding)
         out: list[tuple[_Row, int, int]] = []
         for row in waiting:
-            is_long = row.n_input > self.prefill_chunk_tokens
+            is_long = self._is_long(row)
             cap = min(budget, long_budget) if is_long else budget
             if cap <= 0:
                 continue

@@ -53,6 +53,8 @@ def test_credit_never_banks_more_than_one_full_chunk():
         credit.earn(0.050)
     assert credit.balance == pytest.approx(0.128)
     assert credit.tokens(0.050, minimum=64) == 128
+    credit.reset()  # the long prompt is read: nothing stays banked for the next one
+    assert credit.tokens(0.050, minimum=64) == 0
 
 
 def test_unknown_costs_never_hold_a_long_prompt_back():
