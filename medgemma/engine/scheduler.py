@@ -40,6 +40,7 @@ from medgemma import reasoning, structured
 from medgemma.engine import attention
 from medgemma.engine.attention import Chunk
 from medgemma.engine.costs import DecodeCost, PrefillCredit, default_kv_budget
+from medgemma.engine.faults import as_service_error, free_memory
 from medgemma.engine.handle import RequestHandle
 from medgemma.engine.kv_cache import KVLayout, PagedKVCache, RowKV
 from medgemma.engine.prepare import PreparedRequest, Preparer, context_length, eos_ids, vocab_size
@@ -350,9 +351,9 @@ class Engine:
         try:
             logits = self._forward(work)
         except Exception as exc:
-            _free_memory()
+            free_memory()
             if len(work) == 1:
-                self._fail(work[0][0], _as_service_error(exc))
+                self._fail(work[0][0], as_service_error(exc))
                 return
             log.warning("step failed (%s); retrying %d requests one by one", type(exc).__name__, len(work))
             for item in work:
@@ -437,7 +438,7 @@ class Engine:
                 keep = [i for i, c in enumerate(constraints) if c is None]
                 for i, c in enumerate(constraints):
                     if c is not None:
-                        self._fail(choosing[i], _as_service_error(exc))
+                        self._fail(choosing[i], as_service_error(exc))
                 choosing, logits = [choosing[i] for i in keep], logits[keep]
         ids = [r.handle.request_id for r in choosing]
         check = (lambda i: self.fault_injector("sample", [ids[i]])) if self.fault_injector else None  # type: ignore[misc]
@@ -446,7 +447,7 @@ class Engine:
         for row, tok in zip(choosing, tokens, strict=True):
             if isinstance(tok, BaseException):
                 log.error("sampling failed for one request: %s", type(tok).__name__)
-                self._fail(row, _as_service_error(tok))
+                self._fail(row, as_service_error(tok))
                 continue
             if row.first_token_at is None:
                 row.first_token_at = now
@@ -459,7 +460,7 @@ class Engine:
                     try:
                         constraint.accept(tok)
                     except Exception as exc:
-                        self._fail(row, _as_service_error(exc))
+                        self._fail(row, as_service_error(exc))
                         continue
                     if constraint.is_terminated():
                         row.finish = "stop"
@@ -520,26 +521,3 @@ class Engine:
 
 def _longest(spans: list[tuple[int, int]]) -> int:
     return max((e - s for s, e in spans), default=0)
-
-
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError | MemoryError) or "out of memory" in str(exc).lower()
-
-
-def _as_service_error(exc: BaseException) -> ServiceError:
-    if isinstance(exc, ServiceError):
-        return exc
-    if _is_oom(exc):
-        return EngineUnavailable(
-            "out of memory while generating this request; retry with fewer images or tokens", retry_after=5
-        )
-    log.error("generation failed: %s", type(exc).__name__)
-    return InternalError()
-
-
-def _free_memory() -> None:
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
