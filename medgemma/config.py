@@ -99,6 +99,12 @@ class Settings:
         "While requests are decoding, long prompts get this fraction of the decoding steps' measured time, read in "
         "chunks of at least 64 tokens.",
     )
+    cuda_graphs: bool = setting(
+        False,
+        "Run steps where every request decodes in bucketed fixed shapes, each captured as a CUDA graph on first use "
+        "and replayed (GPU; pads rows and context to buckets). On a CPU the bucketed steps run without graphs. "
+        "Not used while LoRA adapters are loaded.",
+    )
     max_constraint_bytes: int = setting(
         32768, "Largest JSON schema, regex, choice list or grammar in one request (bytes, compact JSON); larger is 400."
     )

@@ -389,6 +389,8 @@ class MedGemmaCore:
                 "max_batch_size": engine.max_batch_size,
                 "kv_cache": st.kv,
             }
+            if st.decode_graphs is not None:
+                body["engine"]["decode_graphs"] = st.decode_graphs
         if m.load_seconds is not None:
             body["load_seconds"] = round(m.load_seconds, 2)
         if details:

@@ -119,6 +119,7 @@ class ModelManager:
                 kv_block_size=self.settings.kv_block_size,
                 prefill_chunk_tokens=self.settings.prefill_chunk_tokens,
                 prefill_share=self.settings.prefill_share,
+                decode_graphs=self.settings.cuda_graphs,
                 on_finish=self._on_finish,
                 on_stats=self._on_stats,
                 lora=lora,

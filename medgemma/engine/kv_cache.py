@@ -157,7 +157,16 @@ class RowKV:
 class PagedKVCache:
     """The pools and their allocators. Used from the engine thread only."""
 
-    def __init__(self, layout: KVLayout, *, budget_bytes: int, block_size: int, max_rows: int, max_chunk: int) -> None:
+    def __init__(
+        self,
+        layout: KVLayout,
+        *,
+        budget_bytes: int,
+        block_size: int,
+        max_rows: int,
+        max_chunk: int,
+        scratch: bool = False,
+    ) -> None:
         self.layout = layout
         self.block_size = block_size
         self.window = layout.window
@@ -171,12 +180,17 @@ class PagedKVCache:
         if self.pools["full"].num_blocks < 1 or ("sliding" in self.pools and self.pools["sliding"].num_blocks < 2):
             mib = budget_bytes / 2**20
             raise ValueError(f"the KV cache budget of {mib:.1f} MiB holds no usable block; raise MEDGEMMA_KV_CACHE_MB")
+        # Bucketed decode steps (``graphs.py``) pad with rows and columns that must read and write somewhere no row
+        # lives: one more block per pool, never on a free list, whose first slot is that scratch slot.
+        self.scratch: dict[Kind, int] = (
+            {kind: pool.num_blocks * block_size for kind, pool in self.pools.items()} if scratch else {}
+        )
         # torch.empty: on CPU the pages are committed only when first written, so resident memory follows the
         # tokens actually cached; on a GPU the pool is reserved up front, as vLLM does.
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         for kind, device in zip(layout.kinds, layout.devices, strict=True):
-            slots = self.pools[kind].num_blocks * block_size
+            slots = (self.pools[kind].num_blocks + (1 if scratch else 0)) * block_size
             shape = (slots, layout.num_kv_heads, layout.head_dim)
             self.k.append(torch.empty(shape, dtype=layout.dtype, device=device))
             self.v.append(torch.empty(shape, dtype=layout.dtype, device=device))

@@ -18,6 +18,9 @@ decoding rows; on a GPU the credit of every step already buys more than the mini
 Among rows waiting to prefill, the one with the fewest prompt tokens left goes first, so a short chat arriving next
 to a 22K-token CT study starts answering at once while the study keeps its share.
 
+**Bucketed decode steps** (``decode_graphs``, off by default): a step in which every row decodes runs in fixed,
+bucketed shapes, captured and replayed as a CUDA graph on a GPU (``graphs.py``).
+
 **Faults stay in their row.** A failed forward is retried row by row (paged K/V writes go to fixed slots, so redoing
 a row's step is harmless); only rows that fail alone fail, out-of-memory ones with a 503. A sampler error fails its
 row only. Every handle finishes exactly once.
@@ -41,6 +44,7 @@ from medgemma.engine import attention
 from medgemma.engine.attention import Chunk
 from medgemma.engine.costs import DecodeCost, PrefillCredit, default_kv_budget
 from medgemma.engine.faults import as_service_error, free_memory
+from medgemma.engine.graphs import DecodeGraphs, DecodeRow
 from medgemma.engine.handle import RequestHandle
 from medgemma.engine.kv_cache import KVLayout, PagedKVCache, RowKV
 from medgemma.engine.prepare import PreparedRequest, Preparer, context_length, eos_ids, vocab_size
@@ -64,6 +68,7 @@ class EngineStats:
     steps: int
     requests_finished: int
     kv: dict[str, Any] = field(default_factory=dict)
+    decode_graphs: dict[str, Any] | None = None  # None when bucketed decode steps are off
 
 
 @dataclass
@@ -110,6 +115,7 @@ class Engine:
         kv_block_size: int = 16,
         prefill_chunk_tokens: int = 512,
         prefill_share: float = 0.6,
+        decode_graphs: bool = False,
         on_finish: Callable[[RequestHandle], None] | None = None,
         on_stats: Callable[[EngineStats], None] | None = None,
         lora: LoraSet | None = None,
@@ -142,7 +148,14 @@ class Engine:
             block_size=kv_block_size,
             max_rows=max_batch_size,
             max_chunk=self.prefill_chunk_tokens,
+            scratch=decode_graphs,
         )
+        self.graphs: DecodeGraphs | None = None
+        if decode_graphs:
+            if any(d != self.device for d in layout.devices):
+                log.warning("bucketed decode steps need every layer on %s; they stay off", self.device)
+            else:
+                self.graphs = DecodeGraphs(self.model, self.kv, max_rows=max_batch_size, device=self.device)
         self._waiting: deque[RequestHandle] = deque()
         self._rows: list[_Row] = []
         self._cv = threading.Condition()
@@ -176,7 +189,8 @@ class Engine:
             self._thread.join(timeout=30)
 
     def stats(self) -> EngineStats:
-        return EngineStats(len(self._waiting), len(self._rows), self.steps, self.finished, self.kv.stats())
+        graphs = self.graphs.stats() if self.graphs is not None else None
+        return EngineStats(len(self._waiting), len(self._rows), self.steps, self.finished, self.kv.stats(), graphs)
 
     def _publish(self) -> None:
         """Report queue, batch and KV block counts (Prometheus gauges) when they change."""
@@ -364,6 +378,12 @@ class Engine:
     def _forward(self, work: list[tuple[_Row, int, int]]) -> torch.Tensor:
         if self.fault_injector:
             self.fault_injector("forward", [r.handle.request_id for r, _, _ in work])
+        if self.graphs is not None and self._graphable(work):
+            rows = []
+            for row, start, end in work:
+                self.kv.extend(row.kv, start, end)
+                rows.append(DecodeRow(row.kv, start, row.generated[-1]))
+            return self.graphs.run(rows)
         ids: list[torch.Tensor] = []
         chunks: list[Chunk] = []
         pixels: list[torch.Tensor] = []
@@ -407,6 +427,10 @@ class Engine:
                 **kwargs,
             )
         return out.logits[0].float()
+
+    def _graphable(self, work: list[tuple[_Row, int, int]]) -> bool:
+        """A step of decoding rows only, without LoRA (whose per-token adapter choice a graph cannot follow)."""
+        return all(start >= row.n_input for row, start, _ in work) and (self.lora is None or not self.lora.adapters)
 
     def _adapters(
         self, tokens: list[int], images: list[int], kept: list[int]

@@ -182,6 +182,22 @@ def test_health_shows_details_only_when_asked(core: MedGemmaCore, tiny_vlm: Path
     assert core.health(details=True)["details"] == {"model_source": str(tiny_vlm), "loading_error": None}
 
 
+def test_cuda_graphs_setting_runs_bucketed_decode_steps_and_health_counts_them(tiny_vlm: Path):
+    c = MedGemmaCore(Settings(model=str(tiny_vlm), max_batch_size=4, cuda_graphs=True))
+    c.startup()
+    try:
+        wait_state(c, ModelState.READY, ModelState.FAILED)
+        assert c.manager.state is ModelState.READY, c.manager.error
+        body = asyncio.run(c.generate({"text": "Signs of sepsis?", "max_new_tokens": 6}))
+        assert body["status"] == "success"
+        n, eos = body["compute_metrics"]["output_tokens"], body["finish_reason"] == "stop"
+        # the prompt's step chooses the first token; every later token (and an end-of-sequence) is a decode step
+        expected = {"capture": False, "graphs": 0, "replays": 0, "eager_steps": n - 1 + eos}  # CPU: no capture
+        assert c.health()["engine"]["decode_graphs"] == expected
+    finally:
+        c.shutdown()
+
+
 def test_models_lists_the_served_model(core: MedGemmaCore):
     listing = core.models()
     assert listing["object"] == "list"
