@@ -24,7 +24,11 @@ is skipped when less than 240 s remain):
    memory-bound at batch 16). KV-cache reads are left out of the bound: with ~150-token prompts and 128 new tokens
    they add under 0.5 % of the bytes per step at batch 1 and about 6 % (4B: 136 KiB per token of context) and 3 %
    (27B: 496 KiB per token) at batch 16;
-4. the same for medgemma-27b-it's shapes when time allows (~55 GB of bf16 weights).
+4. when time allows, builds a second engine with bucketed decode steps (``MEDGEMMA_CUDA_GRAPHS``,
+   ``medgemma/engine/graphs.py``), runs batch 1 and the concurrent requests again and prints decode ms/token with
+   and without graphs; on a GPU the stage fails if no decode step was captured (with ``--cpu-smoke`` the same
+   bucketed code runs without capture);
+5. the same for medgemma-27b-it's shapes when time allows (~55 GB of bf16 weights).
 
 Needs: torch, transformers (>= 5.0; 5.17 and 5.24 checked on CPU), its tokenizers, Pillow and numpy. Not
 needed: bentoml, psutil, pydicom, PyYAML, torchvision, network. ``medgemma/{engine,loader,protocol,config,errors,
@@ -191,7 +195,7 @@ class RunStats:
     finish: list[str] = field(default_factory=list)
 
 
-def make_engine(model: Any, tokenizer: Any, processor: Any, *, dtype: Any, batch: int) -> Any:
+def make_engine(model: Any, tokenizer: Any, processor: Any, *, dtype: Any, batch: int, graphs: bool = False) -> Any:
     from transformers import GenerationConfig
 
     from medgemma.engine import Engine
@@ -215,7 +219,7 @@ def make_engine(model: Any, tokenizer: Any, processor: Any, *, dtype: Any, batch
         dtype=str(dtype).removeprefix("torch."),
         is_demo=True,
     )
-    engine = Engine(loaded, max_batch_size=batch, max_queue=max(256, batch))
+    engine = Engine(loaded, max_batch_size=batch, max_queue=max(256, batch), decode_graphs=graphs)
     engine.start()
     return engine
 
@@ -255,6 +259,24 @@ def run_requests(
         input_tokens=[r.input_tokens for r in results],
         finish=[r.finish_reason for r in results],
     )
+
+
+def batch1_summary(runs: list[RunStats]) -> dict[str, Any]:
+    toks = sum(r.output_tokens for r in runs)
+    wall = sum(r.wall_s for r in runs)
+    dec = [r.decode_ms_per_token for r in runs if r.decode_ms_per_token]
+    return {
+        "requests": len(runs),
+        "output_tokens": toks,
+        "wall_s": wall,
+        "tok_per_s": toks / wall,
+        "ms_per_token": 1000 * wall / toks,
+        "decode_ms_per_token": sum(dec) / len(dec) if dec else None,
+        "decode_tok_per_s": 1000 / (sum(dec) / len(dec)) if dec else None,
+        "ttft_s": runs[0].ttft_s_mean,
+        "input_tokens": runs[0].input_tokens[0],
+        "finish": [f for r in runs for f in r.finish],
+    }
 
 
 def run_mixed(engine: Any, long_tokens: int, shorts: int, new_tokens: int, *, timeout: float) -> dict[str, Any]:
@@ -379,21 +401,7 @@ def run_stage(key: str, name: str, spec: SizeSpec, args: argparse.Namespace, dea
         n_new = args.new_tokens
         say(f"[{key}] batch 1: {args.batch1_requests} request(s) one after another, {n_new} new tokens each")
         b1 = [run_requests(engine, 1, n_new, timeout=max(left(), 1), sync=sync) for _ in range(args.batch1_requests)]
-        toks = sum(r.output_tokens for r in b1)
-        wall = sum(r.wall_s for r in b1)
-        dec = [r.decode_ms_per_token for r in b1 if r.decode_ms_per_token]
-        batch1 = {
-            "requests": len(b1),
-            "output_tokens": toks,
-            "wall_s": wall,
-            "tok_per_s": toks / wall,
-            "ms_per_token": 1000 * wall / toks,
-            "decode_ms_per_token": sum(dec) / len(dec) if dec else None,
-            "decode_tok_per_s": 1000 / (sum(dec) / len(dec)) if dec else None,
-            "ttft_s": b1[0].ttft_s_mean,
-            "input_tokens": b1[0].input_tokens[0],
-            "finish": [f for r in b1 for f in r.finish],
-        }
+        batch1 = batch1_summary(b1)
         res.runs["batch1"] = batch1
         res.ratios["batch1_end_to_end"] = batch1["tok_per_s"] / res.bound_tok_s_batch1
         if batch1["decode_tok_per_s"]:
@@ -448,6 +456,37 @@ def run_stage(key: str, name: str, spec: SizeSpec, args: argparse.Namespace, dea
                 f"{mixed['shorts_alone_tok_s']:.1f} tok/s alone, {mixed['shorts_mixed_tok_s']:.1f} beside it "
                 f"({mixed['shorts_ratio']:.2f}x)"
             )
+        if left() > 45:
+            say(f"[{key}] bucketed decode steps (MEDGEMMA_CUDA_GRAPHS): batch 1 and {c} concurrent again")
+            engine.stop()
+            engine = None
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()  # the first engine's KV pool goes back before the second one sizes its own
+            engine = make_engine(model, tokenizer, processor, dtype=dtype, batch=max(c, 1), graphs=True)
+            run_requests(engine, 1, 4, timeout=max(left(), 1), sync=sync)  # warm-up: the first steps capture
+            run_requests(engine, c, 4, timeout=max(left(), 1), sync=sync)
+            g1 = batch1_summary(
+                [run_requests(engine, 1, n_new, timeout=max(left(), 1), sync=sync) for _ in range(args.batch1_requests)]
+            )
+            gc_ = run_requests(engine, c, n_new, timeout=max(left(), 1), sync=sync)
+            stats = engine.stats().decode_graphs or {}
+            res.runs["graphs"] = {"batch1": g1, f"concurrent{c}": asdict(gc_), "stats": stats}
+            for run_name, plain, graphed in (
+                ("batch1", batch1["decode_ms_per_token"], g1["decode_ms_per_token"]),
+                (f"concurrent{c}", cc.decode_ms_per_token, gc_.decode_ms_per_token),
+            ):
+                if plain and graphed:
+                    res.ratios[f"graphs_speedup_{run_name}_decode"] = plain / graphed
+            say(
+                f"[{key}] graphs: batch 1 decode {g1['decode_ms_per_token'] or 0:.2f} ms/token (without: "
+                f"{batch1['decode_ms_per_token'] or 0:.2f}); {c} concurrent {gc_.tok_per_s:.1f} tok/s (without: "
+                f"{cc.tok_per_s:.1f}); {stats}"
+            )
+            if cuda and not stats.get("graphs"):
+                raise RuntimeError(f"no decode step was captured as a CUDA graph: {stats}")
+            if not stats.get("replays") and not stats.get("eager_steps"):
+                raise RuntimeError(f"no decode step took the bucketed path: {stats}")
         early = [f for r in (*b1, cc, img) for f in r.finish if f != "length"]
         if early:
             res.reason = f"{len(early)} request(s) ended before max_new_tokens: {sorted(set(early))}"
