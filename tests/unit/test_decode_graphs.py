@@ -116,3 +116,19 @@ def test_padded_decode_steps_match_generate(engine, monkeypatch):
     assert any(n >= 6 for n, _, _ in steps), "the rows that joined never decoded beside the first ones"
     assert any(v["sliding"] == window for _, _, v in steps), "no row decoded past the sliding window"
     assert graphs.eager_steps == len(steps)
+
+
+def test_a_failed_capture_falls_back_to_running_without_graphs(engine, caplog):
+    """On this CPU any capture fails (no CUDA): the step that tried still answers, later ones run without graphs."""
+    graphs = engine.graphs
+    assert graphs is not None
+    graphs.capture = True
+    req = request("short question", n=8)
+    expected = greedy_generate(engine, req)
+    with caplog.at_level("WARNING", logger="medgemma.engine.graphs"):
+        result = engine.submit(engine.prepare(req)).wait_sync(60)
+    assert result.token_ids == expected
+    steps = len(expected) - 1 + (result.finish_reason == "stop")  # the first token comes from the prompt's step
+    assert graphs.capture is False and graphs.graphs == 0 and graphs.eager_steps == steps
+    (record,) = caplog.records
+    assert record.getMessage().startswith("CUDA graph capture failed (") and "run without graphs" in record.getMessage()
