@@ -25,7 +25,7 @@ from typing import Any
 import bentoml
 from starlette.responses import Response, StreamingResponse
 
-from medgemma import transport
+from medgemma import malloc, transport
 from medgemma.config import SERVICE_NAME, Settings, load_bentoml_config
 from medgemma.core import ClientGone, MedGemmaCore
 from medgemma.middleware import PREDICT_PATH, VERTEX_HEALTH_PATH, EdgeMiddleware
@@ -64,6 +64,7 @@ class MedGemma:
     def __init__(self) -> None:
         global _core
         transport.setup_logging()
+        malloc.tune()  # before the model loads: a request's large buffers are reused, not faulted in anew
         _core = self.core = MedGemmaCore(SETTINGS)
         self.core.startup()
         transport.drain_on_sigterm(self.core)

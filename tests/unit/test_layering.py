@@ -26,7 +26,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("demo builder: random-weight checkpoints and adapters (tests, benchmarks, the `demo` model option)", (
         "demo_sizes", "demo", "demo_lora",
     )),
-    ("foundation: the internal request/result types and the errors", ("__init__", "errors", "protocol")),
+    ("foundation: the internal request/result types, the errors, process malloc thresholds", (
+        "__init__", "errors", "protocol", "malloc",
+    )),
     ("settings", ("config",)),
     ("answers: constrained decoding, thinking traces, boxes (no web framework)", (
         "reasoning", "boxes", "structured", "answer",
