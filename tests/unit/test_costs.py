@@ -16,6 +16,18 @@ def test_decode_cost_separates_the_fixed_and_the_per_row_part():
     assert cost.seconds(16) == pytest.approx(0.042)
 
 
+def test_decode_cost_at_a_row_count_seen_follows_those_steps_not_the_line():
+    cost = DecodeCost()
+    for rows, seconds in ((1, 0.015), (16, 0.060), (4, 0.030), (1, 0.016), (16, 0.058)):
+        cost.observe(rows, seconds)  # an earlier, slower stretch of the machine, at other row counts
+    line_at_15 = cost.seconds(15)
+    for _ in range(6):
+        cost.observe(15, 0.040)  # what 15 rows take now
+    assert line_at_15 is not None and line_at_15 > 0.050
+    assert cost.seconds(15) == pytest.approx(0.040)
+    assert cost.seconds(8) is not None and 0.030 < cost.seconds(8) < 0.050  # unseen: still the line
+
+
 def test_credit_waits_until_it_pays_for_the_minimum_chunk_then_buys_what_it_holds():
     credit = PrefillCredit(0.5, max_tokens=512)
     credit.observe(0.001)  # a prompt token costs 1 ms
