@@ -3,9 +3,9 @@
 Why our own loop: ``generate()`` serves one batch start to end, and transformers' continuous batching takes token
 ids only (no pixel values), so neither batches image+text requests that arrive at different times.
 
-A **step** is one decode forward over every decoding row (one token each), then one prefill forward over chunks of
-the rows still reading their prompts. Both run on packed tokens over the paged KV cache (``attention.py``,
-``kv_cache.py``), so rows of any length share a pass without padding each other.
+A **step** is one forward over packed tokens: one token for every decoding row and this step's chunks of the rows
+still reading their prompts, side by side over the paged KV cache (``attention.py``, ``kv_cache.py``), so rows of
+any length share a pass without padding each other.
 
 **Chunked prefill with decode priority.** A prompt is read in chunks, never splitting an image (Gemma 3 attends
 bidirectionally inside an image). With nobody decoding a chunk is up to ``prefill_chunk_tokens``. While rows are
