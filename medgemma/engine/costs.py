@@ -8,6 +8,11 @@ import torch
 from medgemma.engine.kv_cache import KVLayout
 
 
+def moving_average(previous: float | None, value: float, smoothing: float) -> float:
+    """Exponential moving average whose first value is the first sample (no warm-up from zero)."""
+    return value if previous is None else previous + smoothing * (value - previous)
+
+
 class DecodeCost:
     """Seconds of a decode step by its number of rows, from steps that read no prompt.
 
@@ -27,8 +32,7 @@ class DecodeCost:
     def observe(self, rows: int, seconds: float) -> None:
         n, t = float(rows), seconds
         self._s = [self.forget * a + b for a, b in zip(self._s, (1.0, n, t, n * n, n * t), strict=True)]
-        seen = self._by_rows.get(rows)
-        self._by_rows[rows] = seconds if seen is None else seen + self.smoothing * (seconds - seen)
+        self._by_rows[rows] = moving_average(self._by_rows.get(rows), seconds, self.smoothing)
 
     def seconds(self, rows: int) -> float | None:
         if rows in self._by_rows:
@@ -94,10 +98,7 @@ class PrefillCredit:
 
     def observe(self, per_token_s: float) -> None:
         """A measured cost of one prompt token (also from steps where nobody decodes)."""
-        if self.token_s is None:
-            self.token_s = per_token_s
-        else:
-            self.token_s += self.smoothing * (per_token_s - self.token_s)
+        self.token_s = moving_average(self.token_s, per_token_s, self.smoothing)
 
 
 def default_kv_budget(layout: KVLayout, device: torch.device) -> int:
